@@ -1,12 +1,14 @@
 """Packaging for megatron-dispo. Exact CPU pins live in requirements/cpu-lock.txt (see Makefile)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="megatron-dispo",
     version="0.1.0",
     description="Megatron-scale RL for LLM math reasoning with DISPO (arXiv 2602.00983).",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_dispo", "megatron_dispo.*"]),
