@@ -1,0 +1,144 @@
+"""Where per-step metrics go: ``metrics.jsonl`` (always), TensorBoard (always), W&B (when configured), the console.
+
+Keys are namespaced ``{phase}/{group}/{name}`` (``train/regime1/token_frac``, ``rollout/reward/mean``,
+``perf/time/rollout_s``); values are plain floats by the time they get here (``.item()`` happens once, at log time).
+``metrics.jsonl`` holds one JSON object per step with a ``step`` key; on resume the file is truncated to the steps
+before the resumed one, so a resumed run's file reads exactly like an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files under ``<run_dir>/tensorboard``."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the ``wandb`` package)."""
+    wandb_project: str = "megatron-dispo"
+    """W&B project name."""
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """``offline`` works without network; sync later with ``wandb sync``."""
+    console_keys: tuple[str, ...] = (
+        "rollout/accuracy",
+        "rollout/reward/mean",
+        "rollout/response/len_mean",
+        "train/loss",
+        "train/entropy",
+        "train/clip_frac",
+        "perf/time/step_s",
+    )
+    """Keys shown on the one-line per-step console summary (all keys always go to the files)."""
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All step records of a run, in file order."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no} is not a JSON object ({exc}); the file is corrupt.") from exc
+    return records
+
+
+class MetricsLogger:
+    """Fan-out of step metrics to the JSONL file, TensorBoard, W&B and a console line."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: LoggingConfig,
+        *,
+        resume_from_step: int | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        console: Console | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.console = console or Console(stderr=False, highlight=False)
+        self.path = self.run_dir / METRICS_FILE
+        if resume_from_step is not None:
+            self._truncate_after(resume_from_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tb = None
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=resume_from_step)
+        self._wandb = None
+        if config.wandb:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ImportError("logging.wandb=true needs the wandb package: pip install wandb") from exc
+            os.environ.setdefault("WANDB_MODE", config.wandb_mode)
+            self._wandb = wandb.init(
+                project=config.wandb_project,
+                dir=str(self.run_dir),
+                mode=config.wandb_mode,
+                config=dict(run_config or {}),
+                resume="allow",
+                id=self.run_dir.name,
+            )
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep only records with ``step < step`` (those a checkpoint at ``step`` already covers)."""
+        kept = [r for r in read_metrics(self.run_dir) if int(r["step"]) < step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        record: dict[str, Any] = {"step": step}
+        for key, value in metrics.items():
+            record[key] = _finite_or_none(float(value))
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if math.isfinite(float(value)):
+                    self._tb.add_scalar(key, float(value), step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(dict(metrics), step=step)
+        self.console.print(self.format_line(step, metrics))
+
+    def format_line(self, step: int, metrics: Mapping[str, float]) -> str:
+        parts = [f"step {step:>5d}"]
+        for key in self.config.console_keys:
+            if key in metrics:
+                parts.append(f"{key.split('/', 1)[-1]}={float(metrics[key]):.4g}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
