@@ -82,3 +82,17 @@ def test_override_values_are_parsed_as_yaml():
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2", "d.e=x"]) == {"a": {"b": 1, "c": 2}, "d": {"e": "x"}}
     with pytest.raises(ConfigError, match=r"override 'a.b.c=1': a.b is a value, not a section"):
         apply_overrides({"a": {"b": 1}}, ["a.b.c=1"])
+
+
+def test_base_files_are_overlaid(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nsteps: 5\ninner:\n  lr: 2e-6\n  mode: seq_mean\ntags: [x]\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ninner:\n  lr: 3e-6\ntags: [y, z]\n")
+    cfg = load_config(Outer, tmp_path / "child.yaml")
+    assert cfg == Outer(name="base", steps=5, inner=Inner(lr=3e-6, mode="seq_mean"), tags=("y", "z"))
+
+
+def test_base_cycle_is_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="include each other in a cycle"):
+        load_config(Outer, tmp_path / "a.yaml")
