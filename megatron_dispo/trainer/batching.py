@@ -15,7 +15,7 @@ Tensor alignment: sequences are ``prompt + response`` token ids, right-padded to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,11 +104,12 @@ def build_microbatch(
     response_ids: Sequence[Sequence[int]],
     *,
     pad_token_id: int,
-    old_logprobs: Sequence[torch.Tensor] | None = None,
+    old_logprobs: Sequence[Sequence[float]] | Mapping[int, Sequence[float]] | None = None,
     advantages: torch.Tensor | None = None,
     pad_to_multiple_of: int = 1,
 ) -> MicroBatch:
-    """Pad the chosen sequences into tensors; ``old_logprobs[i]`` holds one value per response token of sequence i."""
+    """Pad the chosen sequences into tensors; ``old_logprobs[i]`` holds one value per response token of sequence i
+    (a list indexed by sequence, or a mapping holding at least the chosen sequences)."""
     lengths = [len(prompt_ids[i]) + len(response_ids[i]) for i in indices]
     width = max(lengths)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of

@@ -1,0 +1,155 @@
+"""Rollout phase of a step: sample G responses per prompt, score them, and fill the batch with informative groups.
+
+DAPO dynamic sampling (arXiv 2503.14476, Sec. 3.2): a group whose responses are all correct or all wrong has zero
+advantage for every response, so it only dilutes the batch. We over-sample, keep mixed groups, and sample again until
+the batch is full or ``max_rounds`` is reached. Kept groups beyond the batch are cached and used first next step
+(their pi_old is recomputed by the trainer at that step, so staleness only affects which prompts are seen, not the
+importance weights). The cache is part of the checkpoint, so resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_dispo.algorithms.filters import filter_mixed_groups
+from megatron_dispo.data.problem import Problem
+
+
+@dataclass
+class GroupRollout:
+    """One prompt's G responses with their verifier results; JSON-serialisable for the leftover cache."""
+
+    problem_id: str
+    answer: str
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    rollout_logprobs: list[list[float]]
+    """Per-token log-probs of the sampled tokens under the engine's sampling distribution."""
+    finish_reasons: list[str]
+    """stop | length | repetition"""
+    correct: list[bool]
+    """Raw outcome: verified correct and not repetition-truncated."""
+    outcomes: list[str]
+    """Verifier outcome per response (correct, incorrect, no_answer, timeout, error, repetition)."""
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def group_size(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def is_mixed(self) -> bool:
+        return any(self.correct) and not all(self.correct)
+
+
+@dataclass(frozen=True)
+class DynamicSamplingConfig:
+    enabled: bool = True
+    """Keep only groups with mixed correctness (DAPO). Off: the first sampled batch is used as is."""
+    oversample_factor: float = 1.5
+    """Prompts sampled per round = ceil(missing groups x this factor)."""
+    max_rounds: int = 4
+    """Give up filling after this many sampling rounds; the step then trains on the groups it has."""
+    max_cached_groups: int = 256
+    """Leftover kept groups carried to the next step (oldest dropped beyond this)."""
+
+    def __post_init__(self) -> None:
+        if not self.oversample_factor >= 1.0:
+            raise ValueError(f"oversample_factor={self.oversample_factor} must be >= 1.0 (1.0 = no over-sampling).")
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds={self.max_rounds} must be >= 1.")
+        if self.max_cached_groups < 0:
+            raise ValueError(f"max_cached_groups={self.max_cached_groups} must be >= 0 (0 disables the cache).")
+
+
+@dataclass
+class RolloutPhaseStats:
+    rounds: int = 0
+    sampled_groups: int = 0
+    kept_groups: int = 0
+    dropped_all_correct: int = 0
+    dropped_all_wrong: int = 0
+    from_cache: int = 0
+    sampled_correct: int = 0
+    sampled_responses: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "rollout/dynamic_sampling/rounds": float(self.rounds),
+            "rollout/dynamic_sampling/sampled_groups": float(self.sampled_groups),
+            "rollout/dynamic_sampling/kept_groups": float(self.kept_groups),
+            "rollout/dynamic_sampling/dropped_all_correct": float(self.dropped_all_correct),
+            "rollout/dynamic_sampling/dropped_all_wrong": float(self.dropped_all_wrong),
+            "rollout/dynamic_sampling/from_cache": float(self.from_cache),
+            # accuracy over everything sampled this step, before filtering: the policy's own success rate
+            "rollout/accuracy": self.sampled_correct / max(self.sampled_responses, 1),
+        }
+
+
+class DynamicSampler:
+    """Fills a batch of ``target_groups`` groups; ``state_dict`` carries the leftover cache across a resume."""
+
+    def __init__(self, config: DynamicSamplingConfig, group_size: int) -> None:
+        if group_size < 2:
+            raise ValueError(f"group_size={group_size} must be >= 2: group-relative advantages need 2+ responses.")
+        self.config = config
+        self.group_size = group_size
+        self.cache: list[GroupRollout] = []
+
+    def collect(
+        self,
+        target_groups: int,
+        next_problems: Callable[[int], Sequence[Problem]],
+        sample_groups: Callable[[Sequence[Problem]], list[GroupRollout]],
+        *,
+        granularity: int = 1,
+    ) -> tuple[list[GroupRollout], RolloutPhaseStats]:
+        """Return up to ``target_groups`` groups (a multiple of ``granularity``) and what it took to get them."""
+        stats = RolloutPhaseStats()
+        batch: list[GroupRollout] = []
+        if self.config.enabled and self.cache:
+            batch, self.cache = self.cache[:target_groups], self.cache[target_groups:]
+            stats.from_cache = len(batch)
+        while len(batch) < target_groups and stats.rounds < self.config.max_rounds:
+            missing = target_groups - len(batch)
+            factor = self.config.oversample_factor if self.config.enabled else 1.0
+            groups = sample_groups(next_problems(math.ceil(missing * factor)))
+            stats.rounds += 1
+            stats.sampled_groups += len(groups)
+            for group in groups:
+                if group.group_size != self.group_size:
+                    raise ValueError(
+                        f"a group has {group.group_size} responses; expected group_size={self.group_size}."
+                    )
+                stats.sampled_correct += sum(group.correct)
+                stats.sampled_responses += group.group_size
+            if not self.config.enabled:
+                batch.extend(groups)
+                break
+            correct = torch.tensor([c for g in groups for c in g.correct], dtype=torch.bool)
+            result = filter_mixed_groups(correct, self.group_size)
+            stats.dropped_all_correct += result.num_dropped_all_correct
+            stats.dropped_all_wrong += result.num_dropped_all_wrong
+            batch.extend(groups[i] for i in result.kept_groups.tolist())
+        if len(batch) > target_groups:
+            leftovers = batch[target_groups:]
+            batch = batch[:target_groups]
+            if self.config.enabled and self.config.max_cached_groups:
+                self.cache = (self.cache + leftovers)[-self.config.max_cached_groups :]
+        usable = len(batch) - len(batch) % granularity
+        if usable < len(batch) and self.config.enabled and self.config.max_cached_groups:
+            self.cache = (batch[usable:] + self.cache)[: self.config.max_cached_groups]
+        batch = batch[:usable]
+        stats.kept_groups = len(batch)
+        return batch, stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cache": [asdict(group) for group in self.cache]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cache = [GroupRollout(**group) for group in state.get("cache", [])]
