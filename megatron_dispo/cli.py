@@ -15,7 +15,13 @@ from collections.abc import Sequence
 
 # name -> (module implementing add_arguments/run, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": (
+        "megatron_dispo.trainer.cli",
+        "Run RL training from a YAML config with dotted overrides (torchrun for >1 rank).",
+    ),
     "demo": ("megatron_dispo.demo", "Train a tiny Qwen3 on synthetic arithmetic on CPU (the embedded default)."),
+    "convert": ("megatron_dispo.models.convert_cli", "Convert checkpoints HF <-> Megatron (hf-to-mcore, mcore-to-hf)."),
+    "eval": ("megatron_dispo.eval.cli", "Evaluate a model or a responses file: Avg@n, pass@k, maj@k (paper App. B)."),
 }
 
 

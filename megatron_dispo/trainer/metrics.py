@@ -32,6 +32,7 @@ class LoggingConfig:
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
     """``offline`` works without network; sync later with ``wandb sync``."""
     console_keys: tuple[str, ...] = (
+        "eval/heldout/accuracy",
         "rollout/accuracy",
         "rollout/reward/mean",
         "rollout/response/len_mean",
@@ -127,13 +128,14 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(dict(metrics), step=step)
-        self.console.print(self.format_line(step, metrics))
+        self.console.print(self.format_line(step, metrics), soft_wrap=True)
 
     def format_line(self, step: int, metrics: Mapping[str, float]) -> str:
         parts = [f"step {step:>5d}"]
         for key in self.config.console_keys:
             if key in metrics:
-                parts.append(f"{key.split('/', 1)[-1]}={float(metrics[key]):.4g}")
+                name = "heldout_acc" if key == "eval/heldout/accuracy" else key.split("/", 1)[-1]
+                parts.append(f"{name}={float(metrics[key]):.4g}")
         return " | ".join(parts)
 
     def close(self) -> None:

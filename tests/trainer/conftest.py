@@ -1,0 +1,54 @@
+"""Trainer fixtures: one briefly warmed-up tiny model per test session (real SFT, so rollouts are partly correct)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO_ROOT / "examples" / "configs" / "tiny_cpu_dispo.yaml"
+# A small, fast RL setting: 4 prompts x 4 responses, 2 updates per step, one-digit addition
+FAST = [
+    "trainer.prompts_per_step=4",
+    "trainer.num_minibatches=2",
+    "algorithm.group_size=4",
+    "algorithm.dynamic_sampling.max_rounds=4",
+    "rollout.max_new_tokens=16",
+    "data.train=[{kind: synthetic_arithmetic, difficulty: 1, num_problems: 2000, seed: 1}]",
+    "data.heldout={kind: synthetic_arithmetic, difficulty: 1, num_problems: 8, seed: 2}",
+    "eval.every_steps=2",
+    "eval.n=2",
+    "trainer.plot_every=0",
+]
+
+
+@pytest.fixture(scope="session")
+def warm_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from megatron_dispo.data.synthetic import generate_arithmetic
+    from megatron_dispo.models.tiny import make_tiny_checkpoint
+    from megatron_dispo.trainer.warmup import WarmupConfig, sft_warmup
+
+    root = tmp_path_factory.mktemp("warm_model")
+    base = make_tiny_checkpoint(root / "base", seed=0, init_std=0.02)
+    return sft_warmup(base, root / "warm", generate_arithmetic(2000, 1, seed=1), WarmupConfig(steps=100, batch_size=16))
+
+
+def train_command(*args: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "megatron_dispo", "train", str(TINY_CONFIG), *args]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "megatron_dispo", "train", str(TINY_CONFIG), *args,
+    ]  # fmt: skip
+
+
+def run_train(*args: str, nproc: int = 1, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.run(train_command(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
