@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="RL config (default: tiny_cpu_dispo.yaml)")
     parser.add_argument("--run-dir", default="runs/demo", help="folder for the models, metrics and plots")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model init, warm-up and RL")
-    parser.add_argument("--warmup-steps", type=int, default=200, help="supervised warm-up steps")
+    parser.add_argument("--warmup-steps", type=int, default=80, help="supervised warm-up steps")
 
 
 def build_warmup_model(run_dir: Path, seed: int, warmup_steps: int, source: DataSourceConfig, console: Console) -> Path:

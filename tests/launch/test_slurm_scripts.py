@@ -101,3 +101,31 @@ def test_gpu_recipe_scripts_launch_their_recipe(local_slurm, tiny_config, tmp_pa
         assert f"dispo: job {job_id} finished rc=0" in output
         if SMOKE_ENTRYPOINT is not None:
             assert "dist_smoke: OK world=1 nodes=1" in output
+
+
+@pytest.mark.timeout(400)
+def test_tiny_cpu_script_runs_the_trainer_on_two_nodes(local_slurm, tiny_checkpoints, tmp_path) -> None:
+    """The real entrypoint: `megatron-dispo train` on 2 Slurm nodes (DP=2, the vLLM engine on global rank 0)."""
+    run_dir = tmp_path / "run"
+    env = launch_env(
+        DISPO_CONFIG=str(REPO_ROOT / "examples" / "configs" / "tiny_cpu_dispo.yaml"),
+        DISPO_LOG_DIR=str(tmp_path / "logs"),
+        DISPO_MASTER_PORT=str(free_port()),
+        VLLM_LOGGING_LEVEL="WARNING",
+    )
+    env.pop("DISPO_ENTRYPOINT", None)  # the scripts' default: megatron-dispo train
+    overrides = (
+        f"model.hf_path={tiny_checkpoints['dense']}", f"trainer.run_dir={run_dir}", "trainer.max_steps=2",
+        "trainer.prompts_per_step=4", "trainer.num_minibatches=2", "algorithm.group_size=4",
+        "algorithm.dynamic_sampling.enabled=false", "rollout.max_new_tokens=8", "data.heldout=null",
+        "trainer.plot_every=0",
+    )  # fmt: skip
+    _, state, output = submit(local_slurm, tmp_path, env, *overrides)
+    assert state == "COMPLETED", f"{state}\n{output[-4000:]}\n{local_slurm.logs_tail()}"
+    assert "command: torchrun ... megatron-dispo train" in output
+    steps = re.findall(r"^(\d): \[default0\]:step (\d+) rank (\d) world 2 loss (\S+)", output, flags=re.M)
+    by_rank = {rank: [(int(step), loss) for task, step, r, loss in steps if r == rank] for rank in ("0", "1")}
+    assert [s for s, _ in by_rank["0"]] == [1, 2], output[-4000:]
+    assert by_rank["0"] == by_rank["1"], "both ranks report the same (all-reduced) loss"
+    assert {task for task, *_ in steps} == {"0", "1"}, "ranks must come from two srun tasks (one per node)"
+    assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "checkpoints" / "step_000002" / "COMPLETE").is_file()
