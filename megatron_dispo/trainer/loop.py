@@ -332,6 +332,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         from megatron_dispo.models.checkpoint import save_checkpoint
+        from megatron_dispo.models.convert_cli import HF_SUBDIR
 
         state = _broadcast(self._trainer_state(step) if self.is_rank0 else None)
 
@@ -339,6 +340,9 @@ class Trainer:
             save_checkpoint(
                 path, self.policy.model, self.policy.optimizer, iteration=step, parallel=self.config.model.parallel
             )
+            if self.is_rank0:  # what `megatron-dispo convert mcore-to-hf --ckpt <path>` needs besides the weights
+                self.policy.hf_config.save_pretrained(str(path / HF_SUBDIR))
+                self.tokenizer.save_pretrained(str(path / HF_SUBDIR))
 
         self.checkpoints.save(step, state, write_model)
 

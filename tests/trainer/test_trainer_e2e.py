@@ -15,6 +15,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from megatron_dispo.trainer.metrics import read_metrics
 from tests.trainer.conftest import FAST, run_train, train_command
@@ -64,6 +65,28 @@ def test_single_process_run_has_finite_metrics_and_learns(full_run):
     assert probes and max(probes) < 1e-4  # engine == trainer after every checked refit (fp32)
     assert "eval/heldout/accuracy" in records[0] and "eval/heldout/accuracy" in records[4]
     assert sorted(p.name for p in (full_run / "checkpoints").glob("step_*")) == ["step_000002", "step_000004"]
+
+
+def test_trainer_checkpoint_exports_to_hf(full_run, warm_tiny_model, tmp_path):
+    """`convert mcore-to-hf` on a trainer checkpoint gives an HF model with the trained weights."""
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    ckpt = full_run / "checkpoints" / "step_000004" / "model"
+    cmd = [sys.executable, "-m", "megatron_dispo", "convert", "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = {}
+    for file in out.glob("*.safetensors"):
+        exported |= load_file(file)
+    initial = load_file(warm_tiny_model / "model.safetensors")
+    assert exported.keys() == initial.keys()
+    assert all(exported[k].shape == initial[k].shape for k in initial)
+    assert any(not torch.equal(exported[k], initial[k]) for k in initial)  # 4 RL steps changed the weights
+    AutoModelForCausalLM.from_pretrained(str(out))  # loadable by transformers
 
 
 def test_resume_continues_exactly(full_run, warm_tiny_model, tmp_path):
