@@ -125,26 +125,26 @@ def _clean_inline_answer(answer: str) -> str:
     return unwrap_boxed(answer)
 
 
-def last_answer_line_with_position(text: str) -> tuple[str, int] | None:
-    """DAPO format (Fig. 9): the text after the last ``Answer:`` up to the end of its line, and its index."""
-    matches = [match for match in _ANSWER_LINE.finditer(text)]
-    if not matches:
+def _after_last_marker(marker: re.Pattern[str], text: str) -> tuple[str, int] | None:
+    """The cleaned text after the last ``marker`` up to the end of its line, and the marker's index."""
+    last = None
+    for last in marker.finditer(text):  # noqa: B007 (only the last match is used)
+        pass
+    if last is None:
         return None
-    last = matches[-1]
     line_end = text.find("\n", last.end())
     rest = text[last.end() : line_end if line_end != -1 else len(text)]
     return _clean_inline_answer(rest), last.start()
+
+
+def last_answer_line_with_position(text: str) -> tuple[str, int] | None:
+    """DAPO format (Fig. 9): the text after the last ``Answer:`` up to the end of its line, and its index."""
+    return _after_last_marker(_ANSWER_LINE, text)
 
 
 def gsm8k_answer_with_position(text: str) -> tuple[str, int] | None:
     """GSM8K format: the text after the last ``####`` up to the end of its line, and its index."""
-    matches = [match for match in _GSM8K_MARK.finditer(text)]
-    if not matches:
-        return None
-    last = matches[-1]
-    line_end = text.find("\n", last.end())
-    rest = text[last.end() : line_end if line_end != -1 else len(text)]
-    return _clean_inline_answer(rest), last.start()
+    return _after_last_marker(_GSM8K_MARK, text)
 
 
 def extract_answer(response: str, answer_format: AnswerFormat = "auto") -> str | None:
