@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -61,7 +61,7 @@ class MegatronPolicy:
             if parallel_state.get_tensor_model_parallel_world_size() > 1
             else None
         )
-        self._dp_group = parallel_state.get_data_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_moe = bool(getattr(self.hf_config, "num_experts", 0))
@@ -144,7 +144,7 @@ class MegatronPolicy:
             raise ValueError("train_minibatch got no micro-batches; every DP rank needs at least one.")
         totals = torch.cat([packed_total, entropy_sum.reshape(1)])
         if self.dp_size > 1:
-            torch.distributed.all_reduce(totals, group=self._dp_group)
+            torch.distributed.all_reduce(totals, group=self.dp_group)
         metrics = unpack_metrics(totals[:-1])
         metrics["entropy"] = float(totals[-1]) / max(num_global_tokens, 1)
         metrics["grad_norm"] = result.grad_norm
@@ -155,6 +155,3 @@ class MegatronPolicy:
     def export_weights(self, destination: Literal["all", "rank0"] = "rank0") -> Iterator[tuple[str, torch.Tensor]]:
         """Stream (hf_name, full tensor) for refit / HF export; every rank must consume it to the end."""
         return export_hf_weights(self.model, self.hf_config, destination=destination)
-
-    def state_for_checkpoint(self) -> dict[str, Any]:
-        return {"model": self.model, "optimizer": self.optimizer}

@@ -9,6 +9,7 @@ shaping come from ``algorithms/``, rewards from ``rewards/``, the model from ``m
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -89,6 +90,8 @@ class Trainer:
         self.logger: MetricsLogger | None = None
         self.mixture = build_mixture(config.data) if self.is_rank0 else None
         self.heldout = load_heldout(config.data, config.eval.max_problems) if self.is_rank0 else []
+        self._pending_prompt_ids: dict[str, list[int]] = {}
+        self._heldout_prompts: list[tuple[Problem, list[int]]] | None = None
         self.skipped_long_prompts = 0
         self.refit_count = 0
         self.start_step = 1
@@ -125,9 +128,11 @@ class Trainer:
         problems: list[Problem] = []
         while len(problems) < count:
             problem = next(self.mixture)
-            if self._prompt_ids(problem) is None:
+            ids = self._prompt_ids(problem)
+            if ids is None:
                 self.skipped_long_prompts += 1
                 continue
+            self._pending_prompt_ids[problem.id] = ids  # read by _sample_groups: each prompt is tokenised once
             problems.append(problem)
         return problems
 
@@ -135,7 +140,8 @@ class Trainer:
         """Fixed probe sequences for the refit self-check: held-out (or training) prompts + their gold answer line."""
         from megatron_dispo.refit.probe import ProbeBatch
 
-        source = self.heldout or build_mixture(self.config.data).take(PROBE_SIZE)
+        first_source = self.mixture.sources[0].problems
+        source = self.heldout or [first_source[i] for i in range(min(PROBE_SIZE, len(first_source)))]
         sequences, prompt_lens = [], []
         for problem in source[:PROBE_SIZE]:
             prompt = self._prompt_ids(problem) or self.tokenizer.encode(problem.problem)[:8]
@@ -146,7 +152,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollout (rank 0)
     def _sample_groups(self, problems: Sequence[Problem], *, seed: int) -> list[GroupRollout]:
-        prompt_ids = [self._prompt_ids(p) for p in problems]
+        prompt_ids = [self._pending_prompt_ids[p.id] for p in problems]  # a problem may repeat: read, not pop
         batch = self.engine.generate(prompt_ids, self.group_size, seed=seed)
         golds = [problems[g].answer for g in batch.group_index]
         started = time.perf_counter()
@@ -177,7 +183,8 @@ class Trainer:
         cfg = self.config
         self._reward_seconds = 0.0
         self._rollout_stats: list[dict[str, float]] = []
-        calls = iter(range(10_000))
+        self._pending_prompt_ids.clear()
+        calls = itertools.count()
 
         def sample(problems: Sequence[Problem]) -> list[GroupRollout]:
             # one seed per (run seed, step, round): resumed runs draw exactly the samples of uninterrupted ones
@@ -273,7 +280,6 @@ class Trainer:
         t0 = time.perf_counter()
         metrics.update(self._refit())
         timings["refit"] = time.perf_counter() - t0
-        metrics["perf/time/reward_s"] = metrics.get("perf/time/reward_s", 0.0)
         for name, seconds in timings.items():
             metrics[f"perf/time/{name}_s"] = seconds
         metrics["perf/time/step_s"] = time.perf_counter() - started
@@ -306,8 +312,10 @@ class Trainer:
         if not self.is_rank0 or not self.heldout:
             return {}
         cfg = self.config.eval
-        prompt_ids = [self._prompt_ids(p) for p in self.heldout]
-        kept = [(p, ids) for p, ids in zip(self.heldout, prompt_ids, strict=True) if ids is not None]
+        if self._heldout_prompts is None:
+            encoded = ((p, self._prompt_ids(p)) for p in self.heldout)
+            self._heldout_prompts = [(p, ids) for p, ids in encoded if ids is not None]
+        kept = self._heldout_prompts
         batch = self.engine.generate(
             [ids for _, ids in kept], cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, seed=self.config.trainer.seed
         )

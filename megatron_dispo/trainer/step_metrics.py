@@ -52,8 +52,8 @@ def mismatch_metrics(
         total += torch.stack([delta.abs().sum(), (torch.expm1(delta) - delta).sum(), torch.tensor(delta.numel())])
         max_abs = torch.maximum(max_abs, delta.abs().max().reshape(1))
     if getattr(policy, "dp_size", 1) > 1:
-        dist.all_reduce(total, group=policy._dp_group)
-        dist.all_reduce(max_abs, op=dist.ReduceOp.MAX, group=policy._dp_group)
+        dist.all_reduce(total, group=policy.dp_group)
+        dist.all_reduce(max_abs, op=dist.ReduceOp.MAX, group=policy.dp_group)
     count = max(float(total[2]), 1.0)
     return {
         "mismatch/logprob_abs_max": float(max_abs[0]),
