@@ -90,8 +90,7 @@ class MegatronPolicy:
         out: dict[int, list[float]] = {}
         for batch in batches:
             logprobs, _ = self.token_logprobs(batch, with_entropy=False, temperature=temperature)
-            for row, index in enumerate(batch.indices):
-                out[index] = logprobs[row][batch.response_mask[row] > 0].tolist()
+            out.update(response_values(batch, logprobs))
         return out
 
     # ------------------------------------------------------------------ update
@@ -104,11 +103,16 @@ class MegatronPolicy:
         num_global_sequences: int,
         correct: Sequence[torch.Tensor | None] | None = None,
         token_advantages: Sequence[torch.Tensor | None] | None = None,
+        captured_old_logprobs: dict[int, list[float]] | None = None,
     ) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches of a mini-batch; metrics are global (all DP ranks).
 
         ``token_advantages[i]`` optionally replaces micro-batch i's per-sequence advantages by a [n, T-1] tensor
         (used for truncated importance-sampling correction: A times a per-token weight).
+
+        A micro-batch without ``old_logprobs`` is trained on-policy: before this step's first update the policy *is*
+        pi_old, so its own detached log-probs serve as pi_old (r = 1 exactly) and the separate no-grad pi_old forward
+        for that mini-batch is saved. They are stored per sequence in ``captured_old_logprobs`` when given.
         """
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -121,12 +125,17 @@ class MegatronPolicy:
         entropy_sum = torch.zeros((), dtype=torch.float64)
         for i, batch in enumerate(batches):
             logprobs, entropy = self.token_logprobs(batch, with_entropy=True)
+            old_logprobs = batch.old_logprobs
+            if old_logprobs is None:
+                old_logprobs = logprobs.detach() * batch.response_mask
+                if captured_old_logprobs is not None:
+                    captured_old_logprobs.update(response_values(batch, old_logprobs))
             advantages = (
                 token_advantages[i] if token_advantages and token_advantages[i] is not None else batch.advantages
             )
             loss, metrics = compute_policy_loss(
                 logprobs,
-                batch.old_logprobs,
+                old_logprobs,
                 advantages,
                 batch.response_mask,
                 loss_config,
@@ -155,3 +164,8 @@ class MegatronPolicy:
     def export_weights(self, destination: Literal["all", "rank0"] = "rank0") -> Iterator[tuple[str, torch.Tensor]]:
         """Stream (hf_name, full tensor) for refit / HF export; every rank must consume it to the end."""
         return export_hf_weights(self.model, self.hf_config, destination=destination)
+
+
+def response_values(batch: MicroBatch, values: torch.Tensor) -> dict[int, list[float]]:
+    """{sequence index: its response tokens' entries of a target-aligned [n, T-1] tensor}."""
+    return {index: values[row][batch.response_mask[row] > 0].tolist() for row, index in enumerate(batch.indices)}

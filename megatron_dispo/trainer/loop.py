@@ -41,7 +41,7 @@ from megatron_dispo.trainer.data_setup import build_mixture, load_heldout
 from megatron_dispo.trainer.metrics import MetricsLogger
 from megatron_dispo.trainer.rollout_phase import DynamicSampler, GroupRollout
 from megatron_dispo.trainer.step_metrics import (
-    average_dicts,
+    combine_minibatch_metrics,
     finish_reason_metrics,
     mismatch_metrics,
     reward_metrics,
@@ -237,7 +237,9 @@ class Trainer:
         metrics.update(reward_metrics(rewards, shaped, correct, lengths, advantages))
         metrics.update(finish_reason_metrics([f for g in groups for f in g.finish_reasons]))
 
-        # pi_old of this step: one no-grad forward over this rank's share of every mini-batch
+        # pi_old of this step: one no-grad forward over this rank's share of every mini-batch but the first. The
+        # first update runs before any weight change, so its own forward gives pi_old (r = 1 exactly); TIS needs
+        # pi_old before that forward, so it keeps the separate pass for every mini-batch.
         t0 = time.perf_counter()
         minibatches = split_minibatches(len(responses), self.group_size, cfg.trainer.num_minibatches)
         dp_size, dp_rank = self.policy.dp_size, self.policy.dp_rank
@@ -251,15 +253,17 @@ class Trainer:
                 for ix in pack_microbatches(indices, seq_lengths, budget)
             ]
 
-        old = self.policy.response_logprobs(micro([i for share in local for i in share]))
-        metrics.update(mismatch_metrics(old, rollout_logprobs, self.policy))
+        first_on_policy = cfg.algorithm.tis_cap is None
+        separate = local[1:] if first_on_policy else local
+        old = self.policy.response_logprobs(micro([i for share in separate for i in share]))
         timings["logprob"] = time.perf_counter() - t0
 
         # K optimizer updates over the mini-batches
         t0 = time.perf_counter()
         update_metrics = []
-        for mb_indices, share in zip(minibatches, local, strict=True):
-            batches = micro(share, old_logprobs=old, advantages=advantages)
+        for update_index, (mb_indices, share) in enumerate(zip(minibatches, local, strict=True)):
+            on_policy = update_index == 0 and first_on_policy
+            batches = micro(share, old_logprobs=None if on_policy else old, advantages=advantages)
             token_advantages = None
             if cfg.algorithm.tis_cap is not None:
                 token_advantages = [_tis_advantages(b, rollout_logprobs, cfg.algorithm.tis_cap) for b in batches]
@@ -271,11 +275,14 @@ class Trainer:
                     num_global_sequences=sum(1 for i in mb_indices if responses[i]),
                     correct=[correct[list(b.indices)] for b in batches],
                     token_advantages=token_advantages,
+                    captured_old_logprobs=old if on_policy else None,
                 )
             )
-        metrics.update({f"train/{k}": v for k, v in average_dicts(update_metrics).items()})
+        token_counts = [response_token_count(mb, responses) for mb in minibatches]
+        metrics.update({f"train/{k}": v for k, v in combine_minibatch_metrics(update_metrics, token_counts).items()})
         metrics["train/grad_norm_max"] = max(m["grad_norm"] for m in update_metrics)
         timings["update"] = time.perf_counter() - t0
+        metrics.update(mismatch_metrics(old, rollout_logprobs, self.policy))
 
         t0 = time.perf_counter()
         metrics.update(self._refit())

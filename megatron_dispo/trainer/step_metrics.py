@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_dispo.algorithms.telemetry import METRIC_REDUCTIONS
+
 
 def reward_metrics(
     rewards: torch.Tensor, shaped: torch.Tensor, correct: torch.Tensor, lengths: torch.Tensor, advantages: torch.Tensor
@@ -62,8 +64,32 @@ def mismatch_metrics(
     }
 
 
-def average_dicts(dicts: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Key-wise mean over the K mini-batch updates of a step."""
+def combine_minibatch_metrics(dicts: Sequence[Mapping[str, float]], token_counts: Sequence[int]) -> dict[str, float]:
+    """The step's loss metrics from its K mini-batch updates, as if over all the step's response tokens.
+
+    Each update reports fractions of its own tokens and means inside each regime. A plain mean over updates would
+    count a regime's mean as 0 in an update where the regime is empty (always so in the first, on-policy update) and
+    weigh small mini-batches like large ones, so: 'sum' metrics are weighted by the update's token count, regime means
+    by the regime's token count in that update (`METRIC_REDUCTIONS`); other keys (grad norm, ...) are plain means.
+    """
     if not dicts:
         return {}
-    return {key: sum(float(d[key]) for d in dicts) / len(dicts) for key in dicts[0]}
+    if len(dicts) != len(token_counts):
+        raise ValueError(f"{len(dicts)} metric dicts but {len(token_counts)} token counts.")
+    total_tokens = float(sum(token_counts))
+
+    def weighted(key: str, weights: Sequence[float]) -> float:
+        norm = sum(weights)
+        return sum(float(d[key]) * w for d, w in zip(dicts, weights, strict=True)) / norm if norm > 0 else 0.0
+
+    out: dict[str, float] = {}
+    for key in dicts[0]:
+        reduction = METRIC_REDUCTIONS.get(key)
+        if reduction is None or total_tokens <= 0:
+            out[key] = sum(float(d[key]) for d in dicts) / len(dicts)
+        elif reduction.kind == "sum":
+            out[key] = weighted(key, [float(n) for n in token_counts])
+        else:
+            regime_tokens = [float(d[reduction.weight_key]) * n for d, n in zip(dicts, token_counts, strict=True)]
+            out[key] = weighted(key, regime_tokens)
+    return out

@@ -1,0 +1,47 @@
+"""A step's loss metrics combined over its K mini-batch updates equal the metrics of all its tokens at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_dispo.algorithms import compute_policy_loss, get_preset
+from megatron_dispo.algorithms.telemetry import METRIC_KEYS
+from megatron_dispo.trainer.step_metrics import combine_minibatch_metrics
+
+
+def _batch(rows: int, seq: int, seed: int, on_policy: bool) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    logprobs = -torch.rand(rows, seq, generator=generator) * 2.0
+    shift = 0.0 if on_policy else 0.4
+    old = logprobs + shift * torch.randn(rows, seq, generator=generator)
+    lengths = torch.randint(2, seq + 1, (rows,), generator=generator)
+    mask = (torch.arange(seq).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    advantages = torch.randn(rows, generator=generator)
+    return logprobs * mask, old * mask, advantages, mask
+
+
+def test_combined_updates_equal_the_whole_step() -> None:
+    config = get_preset("dispo")
+    # the first update is on-policy (r = 1: every regime empty), the others are not and differ in size
+    parts = [_batch(6, 9, 0, True), _batch(4, 9, 1, False), _batch(8, 9, 2, False)]
+    per_update = [compute_policy_loss(*part, config)[1] for part in parts]
+    token_counts = [int(part[3].sum()) for part in parts]
+    whole = [torch.cat(tensors) for tensors in zip(*parts, strict=True)]
+    _, reference = compute_policy_loss(*whole, config)
+
+    combined = combine_minibatch_metrics(
+        [{**m, "grad_norm": g} for m, g in zip(per_update, (1.0, 2.0, 6.0), strict=True)], token_counts
+    )
+    for key in METRIC_KEYS:
+        assert combined[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-7), key
+    assert combined["grad_norm"] == pytest.approx(3.0)  # not a loss metric: plain mean over updates
+    # the on-policy update reports 0 for every regime mean; a plain average would have diluted them
+    assert per_update[0]["regime1/is_weight_mean"] == 0.0
+    plain = sum(m["regime1/is_weight_mean"] for m in per_update) / 3
+    assert combined["regime1/is_weight_mean"] > 1.0 > plain
+
+
+def test_mismatched_lengths_are_an_error() -> None:
+    with pytest.raises(ValueError, match="2 metric dicts but 1 token counts"):
+        combine_minibatch_metrics([{"loss": 0.0}, {"loss": 1.0}], [3])
