@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -39,20 +40,34 @@ def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
     return statistics.median(samples)
 
 
-def interleaved_ms(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median CPU times of several functions measured in alternation, so load changes hit all of them alike."""
+def minor_faults() -> int:
+    """Minor page faults of the process so far: first touches of freshly mapped memory (see `interleaved_ms`)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def interleaved_ms(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Median CPU time (ms) and median minor page faults per call of several functions measured in alternation, so
+    load changes hit all of them alike.
+
+    Faults matter here: glibc returns freed 1 MB buffers to the kernel when the heap's free top grows past its trim
+    threshold, and the next function to allocate pays ~1-3 us per 4 KB page on first touch (~0.3-0.7 ms per MB on
+    this machine), which can be most of a small baseline's time. Which function pays depends on what ran before it,
+    so the fault counts are reported next to the times."""
     for fn in candidates.values():
         for _ in range(3):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    faults: dict[str, list[int]] = {name: [] for name in candidates}
     for step in range(repeats):
         for name, fn in candidates.items():
+            faults_before = minor_faults()
             start = CLOCK()
             fn()
             samples[name].append((CLOCK() - start) * 1e3)
+            faults[name].append(minor_faults() - faults_before)
         if (step + 1) % max(1, repeats // 4) == 0:
             print(f"  ... {step + 1}/{repeats} rounds", flush=True)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: (statistics.median(samples[name]), statistics.median(faults[name])) for name in candidates}
 
 
 def make_batch(batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -100,16 +115,26 @@ def bench_loss(batch: int, seq: int, repeats: int) -> None:
         loss = -(weight.mul_(data["mask"]).mul_(scaled_advantages) * logprobs).sum()
         loss.backward()
 
-    times = interleaved_ms(
+    results = interleaved_ms(
         {"ce": masked_cross_entropy, "minimal": minimal_dispo, "dispo": dispo, "dispo32": lambda: dispo(32)},
         repeats,
     )
+    times = {name: ms for name, (ms, _) in results.items()}
+    faults = {name: count for name, (_, count) in results.items()}
     baseline, one, many = times["ce"], times["dispo"], times["dispo32"]
-    print(f"masked cross-entropy fwd+bwd [{batch}, {seq}]: {baseline:.3f} ms")
-    print(f"bare DISPO formula fwd+bwd (no validation, no telemetry): {times['minimal']:.3f} ms")
+    print(f"masked cross-entropy fwd+bwd [{batch}, {seq}]: {baseline:.3f} ms ({faults['ce']:.0f} page faults/call)")
+    print(
+        f"bare DISPO formula fwd+bwd (no validation, no telemetry): {times['minimal']:.3f} ms "
+        f"({faults['minimal']:.0f} page faults/call)"
+    )
     print(f"  ratio bare DISPO / masked CE: {times['minimal'] / baseline:.2f}x")
-    print(f"DISPO compute_policy_loss fwd+bwd (+telemetry, validation): {one:.3f} ms")
+    print(
+        f"DISPO compute_policy_loss fwd+bwd (+telemetry, validation): {one:.3f} ms "
+        f"({faults['dispo']:.0f} page faults/call)"
+    )
     print(f"  ratio DISPO / masked CE: {one / baseline:.2f}x (target < 1.5x)")
+    if faults["ce"] > 0:
+        print("  (the baseline paid page faults this run; see the docstring of interleaved_ms)")
     print(f"DISPO as 32 micro-batches of [{batch // 32}, {seq}]: {many:.3f} ms")
     print(f"  ratio 32 micro-batches / 1: {many / one:.2f}x")
 

@@ -75,6 +75,8 @@ class LossTerms(NamedTuple):
     log_ratio_abs_sum: torch.Tensor | None = None
     """Sum over response tokens of abs(log r) (log_ratio_abs_mean). Required when the loss overwrote
     `inputs.log_ratio`; when None the caller computes it from the untouched buffer."""
+    grad_coef_masked: bool = False
+    """True when `grad_coef` is already 0 on padding (times the mask), so the caller skips its mask pass."""
 
 
 PolicyLossFn = Callable[[LossInputs, "PolicyLossConfig"], LossTerms]

@@ -124,6 +124,27 @@ def telemetry_vector(
     return torch.cat([head, per_regime.reshape(-1)])
 
 
+def telemetry_values(
+    regime_stats: list[float], log_ratio_abs_sum: float, disagree_count: float, num_tokens: float
+) -> list[float]:
+    """`telemetry_vector` on host floats (IEEE float64, the same divisions, the same results): after the loss's one
+    host sync, a dozen Python divisions cost less than the ~15 tiny tensor ops of the tensor version.
+
+    Args:
+        regime_stats: the 12 values of the [2, 6] `LossTerms.regime_stats`, row-major.
+    """
+    per_regime: list[float] = []
+    clipped_total = 0.0
+    for side in range(2):  # regimes 1..4 = (+, r>1), (+, r<1), (-, r>1), (-, r<1)
+        for direction in range(2):
+            count, clipped, weight = (regime_stats[side * 6 + column * 2 + direction] for column in range(3))
+            safe_count = max(count, 1.0)
+            per_regime += [count / num_tokens, clipped / safe_count, weight / safe_count]
+            clipped_total += clipped
+    head = [clipped_total / num_tokens, log_ratio_abs_sum / num_tokens, disagree_count / num_tokens]
+    return head + per_regime
+
+
 def sign_correct_disagreement(
     advantages: torch.Tensor, correct: torch.Tensor | None, row_tokens: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:

@@ -49,23 +49,40 @@ def broadcast_per_sequence(name: str, tensor: torch.Tensor, batch: int, seq: int
 
 def float_mask(response_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The response mask as 0.0/1.0 in `dtype`; bool, integer and floating masks must hold only 0 and 1."""
-    if response_mask.dtype != torch.bool:
-        if response_mask.dtype.is_complex:
-            raise TypeError(f"response_mask has dtype {response_mask.dtype}; use bool or 0/1 integers or floats.")
-        as_float = response_mask.to(dtype)
-        # 0/1 everywhere <=> 0 <= m <= 1 and sum(m * m) == sum(m) (m(1 - m) >= 0 sums to 0 only if all terms are 0);
-        # reductions only, no temporary, one host sync.
-        flat = as_float.reshape(-1)
-        if flat.numel() > 2**24:  # float32 sums of 0/1 are exact only up to 2**24 terms
-            flat = flat.double()
-        low, high, squares, total = torch.stack([*torch.aminmax(flat), torch.dot(flat, flat), flat.sum()]).tolist()
-        if low < 0 or high > 1 or squares != total:
-            raise ValueError(
-                f"response_mask must hold only 0 and 1 (found values in [{low:g}, {high:g}] that are not all 0/1); "
-                "it marks response tokens (1 = response token, 0 = prompt/padding). Pass a bool mask or a 0/1 tensor."
-            )
-        return as_float
-    return response_mask.to(dtype)
+    as_float, summary = float_mask_unchecked(response_mask, dtype)
+    if summary is not None:
+        check_mask_summary([*summary.tolist(), as_float.double().sum().item()])
+    return as_float
+
+
+def float_mask_unchecked(response_mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mask as 0.0/1.0 in `dtype` plus, for non-bool masks, the float64 [3] (min, max, sum of squares) that
+    `check_mask_summary` judges with the mask's sum: the caller folds them into its own host sync (and reuses the
+    row sums it needs anyway) instead of paying one here. TypeError for complex masks."""
+    if response_mask.dtype == torch.bool:
+        return response_mask.to(dtype), None
+    if response_mask.dtype.is_complex:
+        raise TypeError(f"response_mask has dtype {response_mask.dtype}; use bool or 0/1 integers or floats.")
+    as_float = response_mask.to(dtype)
+    # 0/1 everywhere <=> 0 <= m <= 1 and sum(m * m) == sum(m) (m(1 - m) >= 0 sums to 0 only if all terms are 0);
+    # reductions only, no temporary.
+    flat = as_float.reshape(-1)
+    if flat.numel() > 2**24:  # float32 sums of 0/1 are exact only up to 2**24 terms
+        flat = flat.double()
+    if flat.numel() == 0:
+        return as_float, None
+    summary = torch.stack([*torch.aminmax(flat), torch.dot(flat, flat)]).to(torch.float64)
+    return as_float, summary
+
+
+def check_mask_summary(summary: list[float]) -> None:
+    """ValueError unless the (min, max, sum of squares, sum) of a mask show it holds only 0 and 1 (NaN fails too)."""
+    low, high, squares, total = summary
+    if not (low >= 0 and high <= 1 and squares == total):
+        raise ValueError(
+            f"response_mask must hold only 0 and 1 (found values in [{low:g}, {high:g}] that are not all 0/1); "
+            "it marks response tokens (1 = response token, 0 = prompt/padding). Pass a bool mask or a 0/1 tensor."
+        )
 
 
 def as_global_count(name: str, value: object, local_count: float, unit: str) -> float | None:
