@@ -23,24 +23,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from megatron_dispo.trainer.metrics import read_metrics  # noqa: E402
-from megatron_dispo.trainer.plotting import Panel, plot_runs, series  # noqa: E402
+from megatron_dispo.trainer.plotting import DEFAULT_PANELS, Panel, plot_runs, series  # noqa: E402
 
 LAST = 5
 """Steps averaged at the end of a run ("last-5" figures): single steps of a tiny model are noisy."""
 
-STUDY_PANELS: tuple[Panel, ...] = (
-    Panel("Held-out accuracy", ("eval/heldout/accuracy",), "Avg@4 accuracy"),
-    Panel("Token entropy", ("train/entropy",), "nats / token"),
-    Panel("Response length", ("rollout/response/len_mean",), "tokens"),
-    Panel(
-        "Regime token fractions",
-        tuple(f"train/regime{k}/token_frac" for k in range(1, 5)),
-        "fraction of tokens",
-        overlay_keys=True,
-    ),
-    Panel("Repetition-truncated responses", ("rollout/finish/repetition_frac",), "fraction"),
-    Panel("Length-truncated responses", ("rollout/finish/length_frac",), "fraction"),
-)
+STUDY_PANELS: tuple[Panel, ...] = tuple(panel for panel in DEFAULT_PANELS if panel.title != "Rollout accuracy")
 """The paper's Figs. 5-8 panels (accuracy, entropy, length, regime fractions) plus the two failure signals."""
 
 

@@ -41,6 +41,7 @@ DEFAULT_PANELS: tuple[Panel, ...] = (
         overlay_keys=True,
     ),
     Panel("Repetition-truncated responses", ("rollout/finish/repetition_frac",), "fraction"),
+    Panel("Length-truncated responses", ("rollout/finish/length_frac",), "fraction"),
 )
 
 
