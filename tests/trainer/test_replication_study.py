@@ -30,7 +30,7 @@ SMOKE = [
 
 def _run_study(runs: Path, results: Path) -> subprocess.CompletedProcess[str]:
     command = [
-        sys.executable, str(STUDY / "run_study.py"), "--runs", str(runs), "--results", str(results), "--jobs", "2",
+        sys.executable, str(STUDY / "run_study.py"), "--runs", str(runs), "--results", str(results), "--jobs", "1",
         *SMOKE,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
