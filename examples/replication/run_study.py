@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from examples.replication.summarize import summarize_study, write_figures, write_summary  # noqa: E402
+from examples.replication.summarize import paired_claims, summarize_study, write_figures, write_summary  # noqa: E402
 from megatron_dispo.config import DataSourceConfig, load_run_config  # noqa: E402
 from megatron_dispo.demo import build_warmup_model  # noqa: E402
 from megatron_dispo.trainer.metrics import read_metrics  # noqa: E402
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
     summary = summarize_study(results, arms, seeds)
+    summary["claims"] = paired_claims(summary, study.get("claims", []))
     summary["study"] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "arms": list(arms), "seeds": seeds, "max_steps": max_steps, "warmup_steps": warmup_steps,

@@ -63,6 +63,14 @@ def test_reduced_study_runs_every_arm_and_writes_figures(warm_tiny_model: Path, 
     for arm in arms:  # the summary is computed from the kept metrics: spot-check against them
         start = next(r for r in read_metrics(results / arm / "seed0") if r["step"] == 0)["eval/heldout/accuracy"]
         assert summary["arms"][arm]["heldout_start"]["per_seed"]["0"] == pytest.approx(start)
+    assert len(summary["claims"]) == len(study["claims"]) == 14  # every claim of the paper, as a paired comparison
+    for row in summary["claims"]:
+        arm, reference = summary["arms"][row["arm"]], summary["arms"][row["reference"]]
+        value, reference_value = arm[row["scalar"]]["per_seed"]["0"], reference[row["scalar"]]["per_seed"]["0"]
+        if value is not None and reference_value is not None:  # null: the run never logged it (no update)
+            expected = value - reference_value
+            assert row["diff_per_seed"]["0"] == pytest.approx(expected)
+            assert row["seeds_agreeing"] == int((expected > 0) if row["expect"] == "higher" else (expected < 0))
     table = (results / "summary.md").read_text()
     assert all(f"| {arm} |" in table for arm in arms)
     for figure in study["figures"]:
