@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             if run_is_complete(run_dir, max_steps):
                 keep_metrics(run_dir, results / name / f"seed{seed}")
                 continue
+            logged = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+            if any(int(r["step"]) > max_steps for r in logged):  # never restart (delete) a longer run
+                raise SystemExit(
+                    f"error: {run_dir} holds a run longer than {max_steps} steps; pass another --runs folder for "
+                    "a shorter study (e.g. --runs /tmp/smoke/runs)."
+                )
             warm_model = runs_root / "warmup" / f"seed{seed}" / "warmup_model"
             command = train_command(args.config, spec["preset"], warm_model, run_dir, seed, overrides)
             pending.append(Run(name, seed, run_dir, command))

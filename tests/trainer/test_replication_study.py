@@ -91,3 +91,19 @@ def test_unknown_arm_is_named_before_anything_runs(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "unknown arms ['dispoo']" in proc.stderr and "study.yaml" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
+def test_a_shorter_study_never_deletes_a_longer_run(tmp_path: Path) -> None:
+    """Reusing the full study's --runs folder for a 2-step smoke must stop, not restart (delete) the 20-step runs."""
+    (tmp_path / "warmup" / "seed0" / "warmup_model").mkdir(parents=True)
+    (tmp_path / "warmup" / "seed0" / "warmup_model" / "config.json").write_text("{}")  # warm-up already done
+    longer = tmp_path / "dispo" / "seed0"
+    longer.mkdir(parents=True)
+    (longer / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 0.1}) + "\n" for s in range(6)))
+    command = [
+        sys.executable, str(STUDY / "run_study.py"), "--runs", str(tmp_path), "--results", str(tmp_path / "res"),
+        "--seeds", "0", "--steps", "2", "--arms", "dispo",
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode != 0 and "holds a run longer than 2 steps" in proc.stderr
+    assert len((longer / "metrics.jsonl").read_text().splitlines()) == 6  # untouched
