@@ -103,32 +103,11 @@ def regime_stats_from_tokens(
     return torch.stack(rows)
 
 
-def telemetry_vector(
-    regime_stats: torch.Tensor, log_ratio_abs_sum: torch.Tensor, disagree_count: torch.Tensor, num_tokens: float
-) -> torch.Tensor:
-    """All metrics except `loss`, float64, in `METRIC_KEYS[1:]` order (one host sync for everything).
-
-    Args:
-        regime_stats: [2, 6] from `regime_stats_from_tokens` or a loss's own fast path.
-        log_ratio_abs_sum: sum over response tokens of |log r|.
-        disagree_count: response tokens whose sign(A) contradicts `correct` (0 without `correct`).
-        num_tokens: the global (or local) token count N that every 'sum' metric is divided by.
-    """
-    # [side, (count, clipped, weight), (r>1, r<1)] -> rows = regimes 1..4 = (+, r>1), (+, r<1), (-, r>1), (-, r<1)
-    stats = regime_stats.to(torch.float64).reshape(2, 3, 2).permute(0, 2, 1).reshape(4, 3)
-    counts, clipped_counts, weight_sums = stats.unbind(1)
-    safe_counts = counts.clamp(min=1.0)
-    extra = torch.stack([log_ratio_abs_sum.to(torch.float64), disagree_count.to(torch.float64)])
-    head = torch.cat([clipped_counts.sum().reshape(1), extra]) / num_tokens
-    per_regime = torch.stack([counts / num_tokens, clipped_counts / safe_counts, weight_sums / safe_counts], dim=1)
-    return torch.cat([head, per_regime.reshape(-1)])
-
-
 def telemetry_values(
     regime_stats: list[float], log_ratio_abs_sum: float, disagree_count: float, num_tokens: float
 ) -> list[float]:
-    """`telemetry_vector` on host floats (IEEE float64, the same divisions, the same results): after the loss's one
-    host sync, a dozen Python divisions cost less than the ~15 tiny tensor ops of the tensor version.
+    """All metrics except `loss`, in `METRIC_KEYS[1:]` order, from host floats: after the loss's one host sync, a
+    dozen Python float64 divisions cost less than ~15 tiny tensor ops.
 
     Args:
         regime_stats: the 12 values of the [2, 6] `LossTerms.regime_stats`, row-major.

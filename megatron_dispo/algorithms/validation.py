@@ -47,14 +47,6 @@ def broadcast_per_sequence(name: str, tensor: torch.Tensor, batch: int, seq: int
     )
 
 
-def float_mask(response_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The response mask as 0.0/1.0 in `dtype`; bool, integer and floating masks must hold only 0 and 1."""
-    as_float, summary = float_mask_unchecked(response_mask, dtype)
-    if summary is not None:
-        check_mask_summary([*summary.tolist(), as_float.double().sum().item()])
-    return as_float
-
-
 def float_mask_unchecked(response_mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The mask as 0.0/1.0 in `dtype` plus, for non-bool masks, the float64 [3] (min, max, sum of squares) that
     `check_mask_summary` judges with the mask's sum: the caller folds them into its own host sync (and reuses the
