@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from examples.replication.summarize import paired_claims, summarize_study, write_figures, write_summary  # noqa: E402
+from examples.replication.summarize import write_report  # noqa: E402
 from megatron_dispo.config import DataSourceConfig, load_run_config  # noqa: E402
 from megatron_dispo.demo import build_warmup_model  # noqa: E402
 from megatron_dispo.trainer.metrics import read_metrics  # noqa: E402
@@ -56,9 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_is_complete(run_dir: Path, max_steps: int) -> bool:
+def logged_steps(run_dir: Path) -> dict[int, dict]:
+    """{step: record} of a run directory's metrics.jsonl (empty when the run never logged)."""
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
-    return any(int(r["step"]) == max_steps and "eval/heldout/accuracy" in r for r in records)
+    return {int(r["step"]): r for r in records}
 
 
 @dataclass
@@ -122,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for name, spec in arms.items():
             run_dir = runs_root / name / f"seed{seed}"
-            if run_is_complete(run_dir, max_steps):
+            logged = logged_steps(run_dir)
+            if "eval/heldout/accuracy" in logged.get(max_steps, {}):  # complete: keep it
                 keep_metrics(run_dir, results / name / f"seed{seed}")
                 continue
-            logged = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
-            if any(int(r["step"]) > max_steps for r in logged):  # never restart (delete) a longer run
+            if any(step > max_steps for step in logged):  # never restart (delete) a longer run
                 raise SystemExit(
                     f"error: {run_dir} holds a run longer than {max_steps} steps; pass another --runs folder for "
                     "a shorter study (e.g. --runs /tmp/smoke/runs)."
@@ -165,17 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    summary = summarize_study(results, arms, seeds)
-    summary["claims"] = paired_claims(summary, study.get("claims", []))
-    summary["study"] = {
+    invocation = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "arms": list(arms), "seeds": seeds, "max_steps": max_steps, "warmup_steps": warmup_steps,
         "wall_s_this_invocation": round(wall, 1), "cpu_s_this_invocation": round(cpu, 1),
     }  # fmt: skip
-    write_summary(summary, results)
-    figures = {fig: [a for a in members if a in arms] for fig, members in study["figures"].items()}
-    labels = {name: spec["label"] for name, spec in arms.items()}
-    written = write_figures(results, figures, labels, seeds)
+    written = write_report(results, study, list(arms), seeds, invocation)
     console.print(f"summary: {results / 'summary.md'}  figures: {len(written)} PNG under {results / 'plots'}")
     console.print(f"wall {wall / 60:.1f} min, CPU {cpu / 60:.1f} min (this invocation)")
     return 0

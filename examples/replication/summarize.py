@@ -216,6 +216,21 @@ def write_figures(
     return written
 
 
+def write_report(
+    results: Path, study: Mapping, arms: Sequence[str], seeds: Sequence[int], invocation: Mapping | None = None
+) -> list[Path]:
+    """summary.json / summary.md (per-arm scalars and the paired claims, plus ``invocation`` in the history) and the
+    figures, for the given arms and seeds: what both the study command and this script write."""
+    summary = summarize_study(results, arms, seeds)
+    summary["claims"] = paired_claims(summary, study.get("claims", []))
+    if invocation is not None:
+        summary["study"] = dict(invocation)
+    write_summary(summary, results)
+    figures = {fig: [a for a in members if a in arms] for fig, members in study["figures"].items()}
+    labels = {name: spec["label"] for name, spec in study["arms"].items()}
+    return write_figures(results, figures, labels, seeds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(HERE / "results"))
@@ -223,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     study = yaml.safe_load(Path(args.study).read_text())
     results = Path(args.results)
-    summary = summarize_study(results, study["arms"], study["seeds"])
-    summary["claims"] = paired_claims(summary, study.get("claims", []))
-    write_summary(summary, results)
-    labels = {name: spec["label"] for name, spec in study["arms"].items()}
-    for path in write_figures(results, study["figures"], labels, study["seeds"]):
+    for path in write_report(results, study, list(study["arms"]), study["seeds"]):
         print(path)
     print(results / "summary.md")
     return 0
