@@ -261,6 +261,7 @@ class Trainer:
         # K optimizer updates over the mini-batches
         t0 = time.perf_counter()
         update_metrics = []
+        token_counts = [response_token_count(mb, responses) for mb in minibatches]  # num_global_tokens of each
         for update_index, (mb_indices, share) in enumerate(zip(minibatches, local, strict=True)):
             on_policy = update_index == 0 and first_on_policy
             batches = micro(share, old_logprobs=None if on_policy else old, advantages=advantages)
@@ -271,14 +272,13 @@ class Trainer:
                 self.policy.train_minibatch(
                     batches,
                     self.loss_config,
-                    num_global_tokens=response_token_count(mb_indices, responses),
+                    num_global_tokens=token_counts[update_index],
                     num_global_sequences=sum(1 for i in mb_indices if responses[i]),
                     correct=[correct[list(b.indices)] for b in batches],
                     token_advantages=token_advantages,
                     captured_old_logprobs=old if on_policy else None,
                 )
             )
-        token_counts = [response_token_count(mb, responses) for mb in minibatches]
         metrics.update({f"train/{k}": v for k, v in combine_minibatch_metrics(update_metrics, token_counts).items()})
         metrics["train/grad_norm_max"] = max(m["grad_norm"] for m in update_metrics)
         timings["update"] = time.perf_counter() - t0
