@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_losses.py [--batch 64] [--seq 4096] [--repeats 30]
 
 Prints, each against a baseline measured in the same run:
-  1. forward+backward of compute_policy_loss (DISPO preset, telemetry included) vs a plain masked cross-entropy
-     -sum(logprobs * mask) / N on the same [batch, seq] tensors (target: < 1.5x);
+  1. forward+backward of compute_policy_loss (DISPO preset, telemetry included; on CPU the one-pass kernel of
+     fused_cpu.py, and for reference the eager path) vs a plain masked cross-entropy -sum(logprobs * mask) / N on
+     the same [batch, seq] tensors (target: < 1.5x);
   2. DISPO on the whole batch vs the same batch as 32 micro-batches (with num_global_tokens);
   3. detect_repetition, microseconds per call on a 4k-token sequence (no loop / n-gram loop / confident run).
 """
@@ -12,6 +13,7 @@ Prints, each against a baseline measured in the same run:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import random
 import resource
@@ -21,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from megatron_dispo.algorithms import RepetitionConfig, compute_policy_loss, detect_repetition, get_preset
+from megatron_dispo.algorithms import RepetitionConfig, compute_policy_loss, detect_repetition, fused_cpu, get_preset
 
 CLOCK = time.thread_time
 """CPU time of this thread (torch runs single-threaded here, see --threads): unlike wall time it does not count the
@@ -70,6 +72,16 @@ def interleaved_ms(candidates: dict[str, Callable[[], object]], repeats: int) ->
     return {name: (statistics.median(samples[name]), statistics.median(faults[name])) for name in candidates}
 
 
+def warm_allocator() -> None:
+    """Same effect as MALLOC_MMAP_THRESHOLD_=134217728 MALLOC_TRIM_THRESHOLD_=268435456: glibc serves the 1 MB
+    tensors from its heap and never hands freed memory back, as in a long-running training process; the timings
+    then compare arithmetic, not first touches of fresh pages."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    if not (libc.mallopt(m_mmap_threshold, 128 << 20) and libc.mallopt(m_trim_threshold, 256 << 20)):
+        raise RuntimeError("mallopt failed; run with --allocator default")
+
+
 def make_batch(batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     logprobs = -torch.rand(batch, seq, generator=generator) * 3.0
@@ -91,15 +103,17 @@ def bench_loss(batch: int, seq: int, repeats: int) -> None:
         loss = -(logprobs * data["mask"]).sum() / num_tokens
         loss.backward()
 
+    def split(num_micro_batches: int) -> list[tuple[torch.Tensor, ...]]:
+        """Micro-batches as separate leaf tensors, as each micro-batch's own forward would produce them (a view of one
+        leaf would add a split backward that copies the whole gradient)."""
+        parts = [data[key].chunk(num_micro_batches) for key in ("logprobs", "old_logprobs", "advantages", "mask")]
+        return [(lp.clone().requires_grad_(), old, adv, mask) for lp, old, adv, mask in zip(*parts, strict=True)]
+
+    micro_batches = {1: [(logprobs, data["old_logprobs"], data["advantages"], data["mask"])], 32: split(32)}
+
     def dispo(num_micro_batches: int = 1) -> None:
-        logprobs.grad = None
-        for lp, old, adv, mask in zip(
-            logprobs.chunk(num_micro_batches),
-            data["old_logprobs"].chunk(num_micro_batches),
-            data["advantages"].chunk(num_micro_batches),
-            data["mask"].chunk(num_micro_batches),
-            strict=True,
-        ):
+        for lp, old, adv, mask in micro_batches[num_micro_batches]:
+            lp.grad = None
             loss, _ = compute_policy_loss(lp, old, adv, mask, config, num_global_tokens=num_tokens)
             loss.backward()
 
@@ -115,28 +129,38 @@ def bench_loss(batch: int, seq: int, repeats: int) -> None:
         loss = -(weight.mul_(data["mask"]).mul_(scaled_advantages) * logprobs).sum()
         loss.backward()
 
-    results = interleaved_ms(
-        {"ce": masked_cross_entropy, "minimal": minimal_dispo, "dispo": dispo, "dispo32": lambda: dispo(32)},
-        repeats,
-    )
-    times = {name: ms for name, (ms, _) in results.items()}
-    faults = {name: count for name, (_, count) in results.items()}
-    baseline, one, many = times["ce"], times["dispo"], times["dispo32"]
-    print(f"masked cross-entropy fwd+bwd [{batch}, {seq}]: {baseline:.3f} ms ({faults['ce']:.0f} page faults/call)")
-    print(
-        f"bare DISPO formula fwd+bwd (no validation, no telemetry): {times['minimal']:.3f} ms "
-        f"({faults['minimal']:.0f} page faults/call)"
-    )
-    print(f"  ratio bare DISPO / masked CE: {times['minimal'] / baseline:.2f}x")
-    print(
-        f"DISPO compute_policy_loss fwd+bwd (+telemetry, validation): {one:.3f} ms "
-        f"({faults['dispo']:.0f} page faults/call)"
-    )
+    def eager_dispo() -> None:
+        """compute_policy_loss with the one-pass CPU kernel turned off (the path CUDA tensors take)."""
+        fused_cpu.ENABLED = False
+        try:
+            dispo()
+        finally:
+            fused_cpu.ENABLED = True
+
+    if fused_cpu.kernel() is None:
+        print("WARNING: the fused CPU kernel is unavailable here, so 'DISPO' below is the eager path")
+    # Each variant is timed in alternation with its own baseline only: a variant that sweeps several MB (the eager
+    # path, the bare formula) evicts the others' tensors from the 1-2 MB L2 cache and would slow whatever runs next.
+    main = interleaved_ms({"ce": masked_cross_entropy, "dispo": dispo}, repeats)
+    (baseline, ce_faults), (one, one_faults) = main["ce"], main["dispo"]
+    print(f"masked cross-entropy fwd+bwd [{batch}, {seq}]: {baseline:.3f} ms ({ce_faults:.0f} page faults/call)")
+    print(f"DISPO compute_policy_loss fwd+bwd (telemetry, validation): {one:.3f} ms ({one_faults:.0f} faults/call)")
     print(f"  ratio DISPO / masked CE: {one / baseline:.2f}x (target < 1.5x)")
-    if faults["ce"] > 0:
-        print("  (the baseline paid page faults this run; see the docstring of interleaved_ms)")
+    if ce_faults > 0 or one_faults > 0:
+        print("  (page faults were paid this run; see the docstring of interleaved_ms and --allocator)")
+    for label, fn in (
+        ("DISPO, eager path (kernel off)", eager_dispo),
+        ("bare DISPO formula in eager torch (no validation, no telemetry)", minimal_dispo),
+    ):
+        pair = interleaved_ms({"ce": masked_cross_entropy, "variant": fn}, repeats)
+        print(
+            f"{label}: {pair['variant'][0]:.3f} ms ({pair['variant'][1]:.0f} page faults/call), "
+            f"{pair['variant'][0] / pair['ce'][0]:.2f}x masked CE ({pair['ce'][0]:.3f} ms)"
+        )
+    split = interleaved_ms({"dispo": dispo, "dispo32": lambda: dispo(32)}, repeats)
+    many = split["dispo32"][0]
     print(f"DISPO as 32 micro-batches of [{batch // 32}, {seq}]: {many:.3f} ms")
-    print(f"  ratio 32 micro-batches / 1: {many / one:.2f}x")
+    print(f"  ratio 32 micro-batches / 1: {many / split['dispo'][0]:.2f}x")
 
 
 def bench_repetition(length: int, repeats: int) -> None:
@@ -165,9 +189,21 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared box)")
+    parser.add_argument(
+        "--allocator",
+        choices=["warm", "default"],
+        default="warm",
+        help="warm: glibc keeps freed memory (mallopt), so no variant pays first-touch page faults; default: glibc's "
+        "own thresholds, where whichever variant allocates after a heap trim pays them (see interleaved_ms)",
+    )
     args = parser.parse_args()
+    if args.allocator == "warm":
+        warm_allocator()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock: thread CPU time (median)")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock: thread CPU time (median), "
+        f"allocator: {args.allocator}"
+    )
     bench_loss(args.batch, args.seq, args.repeats)
     bench_repetition(4096, max(5, args.repeats // 3))
 

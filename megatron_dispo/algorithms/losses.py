@@ -13,6 +13,7 @@ import threading
 
 import torch
 
+from megatron_dispo.algorithms import fused_cpu
 from megatron_dispo.algorithms import sspo as _sspo
 from megatron_dispo.algorithms.aggregation import aggregation_row_scale
 from megatron_dispo.algorithms.loss_config import PolicyLossConfig
@@ -359,6 +360,13 @@ def compute_policy_loss(
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}; use get_preset(name).")
     registered = get_policy_loss(config.loss_type)
     aggregation = registered.default_aggregation if config.aggregation == "default" else config.aggregation
+    fusable = config.loss_type in _FUSED_LOSSES and aggregation == "token_mean"
+    if fusable and entropy is None and segment_ids is None:
+        fused = _fused_policy_loss(
+            logprobs, old_logprobs, advantages, response_mask, config, correct, num_global_tokens
+        )
+        if fused is not None:
+            return fused
     inputs, correct_b, row_tokens, local_tokens, local_sequences = _prepare_inputs(
         logprobs, old_logprobs, advantages, response_mask, config, correct, entropy, segment_ids
     )
@@ -405,6 +413,98 @@ def compute_policy_loss(
     telemetry = telemetry_values(synced[1:13], synced[13], disagree_count, telemetry_tokens)
     loss = _LinearInLogprobs.apply(logprobs, coef, value) if logprobs.requires_grad else value
     return loss, dict(zip(METRIC_KEYS, [synced[0], *telemetry], strict=True))
+
+
+_FUSED_LOSSES = frozenset({"dispo", "cispo"})
+"""Losses the one-pass CPU kernel computes (`fused_cpu.py`): clipped IS weight times a per-sequence advantage."""
+
+
+def _fused_policy_loss(
+    logprobs: object,
+    old_logprobs: object,
+    advantages: object,
+    response_mask: object,
+    config: PolicyLossConfig,
+    correct: object,
+    num_global_tokens: object,
+) -> tuple[torch.Tensor, dict[str, float]] | None:
+    """dispo / cispo with token-mean aggregation through the one-pass CPU kernel, or None when it does not apply.
+
+    It applies to contiguous CPU float32/float64 tensors of one dtype with per-sequence advantages and a float (or
+    bool) mask. Anything else, and any input the kernel's probes reject (non-finite values, a mask that is not 0/1,
+    an empty batch without num_global_tokens, a num_global_tokens below this call's count), returns None: the eager
+    path then computes the result or raises its precise error. Same values as the eager path up to float rounding
+    (exp by polynomial, float64 accumulation); tested against it in tests/algorithms/test_fused_cpu.py."""
+    if not (
+        isinstance(logprobs, torch.Tensor)
+        and isinstance(old_logprobs, torch.Tensor)
+        and isinstance(advantages, torch.Tensor)
+        and isinstance(response_mask, torch.Tensor)
+        and logprobs.device.type == "cpu"
+        and logprobs.dim() == 2
+        and logprobs.numel() > 0
+    ):
+        return None
+    dtype, shape = logprobs.dtype, logprobs.shape
+    batch = shape[0]
+    if (
+        dtype not in (torch.float32, torch.float64)
+        or old_logprobs.dtype != dtype
+        or advantages.dtype != dtype
+        or old_logprobs.shape != shape
+        or response_mask.shape != shape
+        or advantages.numel() != batch
+        or advantages.dim() > 2
+        or (advantages.dim() == 2 and advantages.shape[1] != 1)
+        or old_logprobs.device.type != "cpu"
+        or advantages.device.type != "cpu"
+        or response_mask.device.type != "cpu"
+        or response_mask.dtype not in (dtype, torch.bool)
+    ):
+        return None
+    if correct is not None:
+        if not (isinstance(correct, torch.Tensor) and correct.dtype == torch.bool and correct.device.type == "cpu"):
+            return None
+        if correct.numel() != batch or correct.dim() > 2 or (correct.dim() == 2 and correct.shape[1] != 1):
+            return None
+    side_by_correct = config.condition_on == "correctness"
+    if side_by_correct and correct is None:
+        return None
+    kernel = fused_cpu.kernel()
+    if kernel is None:
+        return None
+    num_tokens = as_global_count("num_global_tokens", num_global_tokens, 0.0, "response tokens")
+    if config.loss_type == "dispo":
+        lo_pos, hi_pos = log_bound_low(config.eps_low_pos), log_bound_high(config.eps_high_pos)
+        lo_neg, hi_neg = log_bound_low(config.eps_low_neg), log_bound_high(config.eps_high_neg)
+    else:
+        lo_pos = lo_neg = log_bound_low(config.eps_low)
+        hi_pos = hi_neg = log_bound_high(config.eps_high)
+    lp = logprobs.detach().contiguous()
+    mask = response_mask.contiguous() if response_mask.dtype == dtype else response_mask.to(dtype)
+    grad = torch.empty_like(lp)
+    stats = kernel(
+        lp,
+        old_logprobs.detach().contiguous(),
+        mask,
+        advantages.detach().reshape(batch).contiguous(),
+        None if correct is None else correct.reshape(batch).contiguous(),
+        side_by_correct,
+        (lo_pos, hi_pos, lo_neg, hi_neg),
+        0.0 if num_tokens is None else 1.0 / num_tokens,
+        grad,
+    )
+    if not math.isfinite(stats.log_ratio_abs_sum + stats.advantage_sum) or stats.bad_mask_rows:
+        return None  # the eager path names the bad field
+    if num_tokens is None and stats.tokens == 0:
+        return None  # ... or the empty batch
+    if num_tokens is not None and stats.tokens > num_tokens + 1e-6 * max(1.0, num_tokens):
+        return None  # ... or the global count below this call's own
+    telemetry_tokens = num_tokens if num_tokens is not None else stats.tokens
+    telemetry = telemetry_values(stats.regime_stats, stats.log_ratio_abs_sum, stats.disagree_tokens, telemetry_tokens)
+    value = torch.tensor(stats.value, dtype=dtype)
+    loss = _LinearInLogprobs.apply(logprobs, grad, value) if logprobs.requires_grad else value
+    return loss, dict(zip(METRIC_KEYS, [stats.value, *telemetry], strict=True))
 
 
 def _row_weighted_sum(values: torch.Tensor, other: torch.Tensor | None, row: torch.Tensor | float) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch
 
 from megatron_dispo.algorithms import compute_policy_loss, get_preset
 
+pytestmark = pytest.mark.usefixtures("loss_path")  # each test runs fused and eager (conftest.py)
+
 
 def dispo_reference(
     logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
