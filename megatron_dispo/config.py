@@ -154,6 +154,10 @@ class TrainerConfig:
     """K optimizer updates per rollout batch (paper: 16 of 32 prompts)."""
     max_tokens_per_microbatch: int = 16384
     """Padded-token budget of one micro-batch (memory)."""
+    share_prompt_prefix: bool = True
+    """pi_old forward: run each distinct prompt once and share its keys/values with its G responses
+    (models/prefix_sharing.py). Used where the model supports it (Megatron's local attention, no sequence or context
+    parallelism); elsewhere the full padded forward runs."""
     seed: int = 1234
     """Seed of model-parallel RNGs, sampling and data order."""
     resume: bool = False

@@ -25,6 +25,8 @@ from megatron_dispo.models.convert import export_hf_weights, load_hf_weights
 from megatron_dispo.models.logprobs import vocab_parallel_logprobs_entropy
 from megatron_dispo.models.optimizer import OptimizerSettings, build_optimizer, finalize_and_step, wrap_ddp, zero_grads
 from megatron_dispo.models.parallel import ParallelConfig
+from megatron_dispo.models.prefix_sharing import shared_prefix_logits
+from megatron_dispo.models.prefix_sharing import supported as prefix_sharing_supported
 from megatron_dispo.trainer.batching import MicroBatch
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -91,6 +93,47 @@ class MegatronPolicy:
         for batch in batches:
             logprobs, _ = self.token_logprobs(batch, with_entropy=False, temperature=temperature)
             out.update(response_values(batch, logprobs))
+        return out
+
+    @property
+    def supports_prompt_sharing(self) -> bool:
+        """Whether `shared_prompt_logprobs` can run on this model (local attention, no sequence/context parallel)."""
+        return prefix_sharing_supported(self.model)
+
+    @torch.no_grad()
+    def shared_prompt_logprobs(
+        self,
+        chunks: Sequence[Sequence[int]],
+        prompt_ids: Sequence[Sequence[int]],
+        response_ids: Sequence[Sequence[int]],
+        *,
+        temperature: float | None = None,
+    ) -> dict[int, list[float]]:
+        """pi_old of every response token like `response_logprobs`, but each distinct prompt of a chunk runs once
+        and its keys/values serve all its responses (`prefix_sharing.py`). `chunks` lists sequence indices per
+        forward (memory budget); empty responses get an empty list."""
+        self.model.eval()
+        out: dict[int, list[float]] = {}
+        for chunk in chunks:
+            rows = [i for i in chunk if response_ids[i]]
+            out.update({i: [] for i in chunk if not response_ids[i]})
+            if not rows:
+                continue
+            logits = shared_prefix_logits(
+                self.model, [prompt_ids[i] for i in rows], [response_ids[i] for i in rows], pad_token_id=0
+            )
+            targets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+            for row, index in enumerate(rows):
+                targets[row, : len(response_ids[index])] = torch.as_tensor(response_ids[index])
+            logprobs, _ = vocab_parallel_logprobs_entropy(
+                logits,
+                targets,
+                tp_group=None,  # the inference path gathers the full vocabulary on every rank
+                temperature=self.temperature if temperature is None else temperature,
+                vocab_size=self.hf_config.vocab_size,
+                compute_entropy=False,
+            )
+            out.update({index: logprobs[row, : len(response_ids[index])].tolist() for row, index in enumerate(rows)})
         return out
 
     # ------------------------------------------------------------------ update

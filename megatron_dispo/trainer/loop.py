@@ -79,6 +79,12 @@ class Trainer:
             temperature=config.rollout.temperature if config.rollout.temperature > 0 else 1.0,
             fp8=config.model.fp8,
         )
+        self.share_prompts = config.trainer.share_prompt_prefix and self.policy.supports_prompt_sharing
+        if config.trainer.share_prompt_prefix and not self.share_prompts and self.rank == 0:
+            self.console.print(
+                "[yellow]trainer.share_prompt_prefix: this model's attention (Transformer Engine, or sequence/context "
+                "parallel) does not take the shared-prompt KV cache; pi_old runs full padded forwards"
+            )
         self.group_size = config.algorithm.group_size
         self.loss_config = config.algorithm.loss
         self.sampler = DynamicSampler(config.algorithm.dynamic_sampling, self.group_size)
@@ -254,8 +260,12 @@ class Trainer:
             ]
 
         first_on_policy = cfg.algorithm.tis_cap is None
-        separate = local[1:] if first_on_policy else local
-        old = self.policy.response_logprobs(micro([i for share in separate for i in share]))
+        separate = [i for share in (local[1:] if first_on_policy else local) for i in share]
+        if self.share_prompts:  # each distinct prompt runs once per chunk
+            chunks = pack_microbatches(separate, seq_lengths, budget)
+            old = self.policy.shared_prompt_logprobs(chunks, prompts, responses)
+        else:
+            old = self.policy.response_logprobs(micro(separate))
         timings["logprob"] = time.perf_counter() - t0
 
         # K optimizer updates over the mini-batches
