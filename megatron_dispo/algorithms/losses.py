@@ -3,13 +3,17 @@
 Notation: r_t = exp(logprobs_t - old_logprobs_t), A the advantage, sg[.] stop-gradient, m the response mask.
 Every loss is written as a per-token loss l_t and its derivative g_t = dl_t/dlogprobs_t (see `LossTerms`);
 `compute_policy_loss` aggregates (`aggregation.py`), applies the gradient through one autograd node, and reports
-per-regime telemetry (`telemetry.py`). Equation numbers are those of the DISPO paper unless stated.
+per-regime telemetry (`telemetry.py`). On CPU, dispo and cispo with per-sequence advantages go through the one-pass
+kernel of `fused_cpu.py` instead (same results; the eager code below is its fallback and the CUDA path). Equation
+numbers are those of the DISPO paper unless stated.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -293,31 +297,61 @@ def sspo_loss(inputs: LossInputs, config: PolicyLossConfig) -> LossTerms:
 class _LinearInLogprobs(torch.autograd.Function):
     """Returns the precomputed loss value; the gradient is coef * grad (coef = dLoss/dlogprobs in closed form).
 
-    One autograd node instead of recording every elementwise op. The [batch, seq] coefficient buffer is owned by
-    this node and becomes the gradient in place (no extra allocation), so its backward can run only once."""
+    One autograd node instead of recording every elementwise op. The first backward hands the [batch, seq]
+    coefficient buffer to autograd (it becomes .grad without a copy); a later backward through a retained graph gets
+    a freshly computed one from `recompute`."""
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx, logprobs: torch.Tensor, coef: torch.Tensor, value: torch.Tensor
+        ctx: torch.autograd.function.FunctionCtx,
+        logprobs: torch.Tensor,
+        coef: torch.Tensor,
+        value: torch.Tensor,
+        recompute: Callable[[], torch.Tensor],
     ) -> torch.Tensor:
-        ctx.coef, ctx.logprobs_dtype = coef, logprobs.dtype
+        ctx.coef, ctx.recompute, ctx.logprobs_dtype = coef, recompute, logprobs.dtype
         return value.clone()
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor, None, None]:
+    ) -> tuple[torch.Tensor, None, None, None]:
         coef = ctx.coef
-        if coef is None:
-            raise RuntimeError(
-                "the policy loss's backward reuses its coefficient buffer and can run only once; recompute the loss "
-                "instead of calling backward twice (retain_graph=True)."
-            )
+        if coef is None:  # the buffer went to the first backward (retain_graph=True)
+            coef = ctx.recompute()
         ctx.coef = None  # drop our reference so autograd can adopt the buffer as .grad without a copy
         # loss.backward() seeds 1.0: skip that pass on CPU (reading the value there is not a device sync)
         if grad_output.device.type != "cpu" or grad_output.item() != 1.0:
             coef.mul_(grad_output)
-        return coef.to(ctx.logprobs_dtype), None, None
+        return coef.to(ctx.logprobs_dtype), None, None, None
+
+
+def _recompute_gradient(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: PolicyLossConfig,
+    options: dict[str, object],
+) -> torch.Tensor:
+    """dLoss/dlogprobs computed again (for a second backward through the same graph)."""
+    leaf = logprobs.detach().requires_grad_()
+    with torch.enable_grad():
+        loss, _ = compute_policy_loss(leaf, old_logprobs, advantages, response_mask, config, **options)  # type: ignore[arg-type]
+        (gradient,) = torch.autograd.grad(loss, leaf)
+    return gradient
+
+
+def _attach_gradient(
+    value: torch.Tensor,
+    coef: torch.Tensor,
+    arguments: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, PolicyLossConfig, dict[str, object]],
+) -> torch.Tensor:
+    """The loss tensor: `value`, with gradient `coef` w.r.t. logprobs (arguments[0]) when it requires grad."""
+    logprobs = arguments[0]
+    if not logprobs.requires_grad:
+        return value
+    return _LinearInLogprobs.apply(logprobs, coef, value, functools.partial(_recompute_gradient, *arguments))
 
 
 def compute_policy_loss(
@@ -360,13 +394,22 @@ def compute_policy_loss(
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}; use get_preset(name).")
     registered = get_policy_loss(config.loss_type)
     aggregation = registered.default_aggregation if config.aggregation == "default" else config.aggregation
+    options = {
+        "correct": correct,
+        "num_global_tokens": num_global_tokens,
+        "num_global_sequences": num_global_sequences,
+        "entropy": entropy,
+        "segment_ids": segment_ids,
+    }
+    arguments = (logprobs, old_logprobs, advantages, response_mask, config, options)
     fusable = config.loss_type in _FUSED_LOSSES and aggregation == "token_mean"
     if fusable and entropy is None and segment_ids is None:
         fused = _fused_policy_loss(
             logprobs, old_logprobs, advantages, response_mask, config, correct, num_global_tokens
         )
         if fused is not None:
-            return fused
+            value, coef, metrics = fused
+            return _attach_gradient(value, coef, arguments), metrics  # type: ignore[arg-type]
     inputs, correct_b, row_tokens, local_tokens, local_sequences = _prepare_inputs(
         logprobs, old_logprobs, advantages, response_mask, config, correct, entropy, segment_ids
     )
@@ -411,7 +454,7 @@ def compute_policy_loss(
     telemetry_tokens = num_tokens if num_tokens is not None else max(local_tokens, 1.0)
     disagree_count = synced[14] if correct_b is not None else 0.0
     telemetry = telemetry_values(synced[1:13], synced[13], disagree_count, telemetry_tokens)
-    loss = _LinearInLogprobs.apply(logprobs, coef, value) if logprobs.requires_grad else value
+    loss = _attach_gradient(value, coef, arguments)
     return loss, dict(zip(METRIC_KEYS, [synced[0], *telemetry], strict=True))
 
 
@@ -427,8 +470,9 @@ def _fused_policy_loss(
     config: PolicyLossConfig,
     correct: object,
     num_global_tokens: object,
-) -> tuple[torch.Tensor, dict[str, float]] | None:
-    """dispo / cispo with token-mean aggregation through the one-pass CPU kernel, or None when it does not apply.
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]] | None:
+    """(value, gradient w.r.t. logprobs, metrics) of dispo / cispo with token-mean aggregation from the one-pass CPU
+    kernel, or None when it does not apply.
 
     It applies to contiguous CPU float32/float64 tensors of one dtype with per-sequence advantages and a float (or
     bool) mask. Anything else, and any input the kernel's probes reject (non-finite values, a mask that is not 0/1,
@@ -502,9 +546,8 @@ def _fused_policy_loss(
         return None  # ... or the global count below this call's own
     telemetry_tokens = num_tokens if num_tokens is not None else stats.tokens
     telemetry = telemetry_values(stats.regime_stats, stats.log_ratio_abs_sum, stats.disagree_tokens, telemetry_tokens)
-    value = torch.tensor(stats.value, dtype=dtype)
-    loss = _LinearInLogprobs.apply(logprobs, grad, value) if logprobs.requires_grad else value
-    return loss, dict(zip(METRIC_KEYS, [stats.value, *telemetry], strict=True))
+    metrics = dict(zip(METRIC_KEYS, [stats.value, *telemetry], strict=True))
+    return torch.tensor(stats.value, dtype=dtype), grad, metrics
 
 
 def _row_weighted_sum(values: torch.Tensor, other: torch.Tensor | None, row: torch.Tensor | float) -> torch.Tensor:

@@ -32,6 +32,8 @@ def supported(model: torch.nn.Module) -> bool:
     config = inner.config
     if getattr(config, "sequence_parallel", False) or getattr(config, "context_parallel_size", 1) > 1:
         return False
+    if getattr(config, "pipeline_model_parallel_size", 1) > 1:  # the forward here runs the whole model
+        return False
     if getattr(config, "flash_decode", False):
         return False
     layers = getattr(inner.decoder, "layers", [])

@@ -123,14 +123,23 @@ def test_config_is_frozen() -> None:
         config.eps_low_pos = 0.3  # type: ignore[misc]
 
 
-def test_backward_twice_is_refused_with_a_clear_error() -> None:
-    logprobs = torch.full((1, 2), -1.0, requires_grad=True)
+def test_backward_through_a_retained_graph_gives_the_same_gradient_again() -> None:
+    """The first backward hands its buffer to autograd; later ones recompute it (retain_graph=True, autograd.grad)."""
+    logprobs = torch.tensor([[-1.0, -0.2], [-0.5, -2.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -0.1], [-0.5, -1.0]])
     loss, _ = compute_policy_loss(
-        logprobs, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), get_preset("dispo")
+        logprobs, old, torch.tensor([1.0, -1.0]), torch.ones(2, 2), get_preset("dispo"), num_global_tokens=4
     )
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="can run only once"):
-        loss.backward()
+    first = logprobs.grad.clone()
+    # closed form -w * A / N: r = (e^0.5, e^-0.1) with A = 1 lie in (0.8, 11), r = (1, e^-1) with A = -1 in (0, 101)
+    weights = torch.exp(torch.tensor([[0.5, -0.1], [0.0, -1.0]]))
+    torch.testing.assert_close(first, -weights * torch.tensor([[1.0], [-1.0]]) / 4)
+    (again,) = torch.autograd.grad(loss, logprobs, retain_graph=True)
+    torch.testing.assert_close(again, first)
+    logprobs.grad = None
+    (2.0 * loss).backward()
+    torch.testing.assert_close(logprobs.grad, 2.0 * first)
 
 
 def test_bfloat16_logprobs_are_computed_in_float32_and_get_a_bfloat16_gradient() -> None:
