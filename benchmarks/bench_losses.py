@@ -157,10 +157,10 @@ def bench_loss(batch: int, seq: int, repeats: int) -> None:
             f"{label}: {pair['variant'][0]:.3f} ms ({pair['variant'][1]:.0f} page faults/call), "
             f"{pair['variant'][0] / pair['ce'][0]:.2f}x masked CE ({pair['ce'][0]:.3f} ms)"
         )
-    split = interleaved_ms({"dispo": dispo, "dispo32": lambda: dispo(32)}, repeats)
-    many = split["dispo32"][0]
+    by_split = interleaved_ms({"dispo": dispo, "dispo32": lambda: dispo(32)}, repeats)
+    many = by_split["dispo32"][0]
     print(f"DISPO as 32 micro-batches of [{batch // 32}, {seq}]: {many:.3f} ms")
-    print(f"  ratio 32 micro-batches / 1: {many / split['dispo'][0]:.2f}x")
+    print(f"  ratio 32 micro-batches / 1: {many / by_split['dispo'][0]:.2f}x")
 
 
 def bench_repetition(length: int, repeats: int) -> None:

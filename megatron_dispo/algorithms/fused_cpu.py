@@ -59,7 +59,8 @@ class KernelStats(NamedTuple):
     """The 1/N used: the given one, or 1 / this call's mask sum (0 for an empty mask)."""
 
 
-_NUM_SLOTS = 20
+_NUM_SLOTS = len(KernelStats._fields) - 1 + 12
+"""Doubles the kernel writes: the fields of `KernelStats`, with regime_stats as its 12 values."""
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 

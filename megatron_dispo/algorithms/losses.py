@@ -51,19 +51,30 @@ def log_bound_high(eps_high: float) -> float:
     return math.log1p(eps_high)
 
 
+def _pair_log_bounds(config: PolicyLossConfig) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(low, high) log-space clip bounds of the positive and of the negative side: DISPO's two pairs (Eq. 9), or
+    CISPO's one pair on both sides (Eq. 7)."""
+    if config.loss_type == "cispo":
+        pair = (log_bound_low(config.eps_low), log_bound_high(config.eps_high))
+        return pair, pair
+    return (
+        (log_bound_low(config.eps_low_pos), log_bound_high(config.eps_high_pos)),
+        (log_bound_low(config.eps_low_neg), log_bound_high(config.eps_high_neg)),
+    )
+
+
 def _side_log_bounds(
     side: torch.Tensor, config: PolicyLossConfig, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-side clip bounds in log space, shaped like `side`: positive pair where side > 0, negative otherwise."""
     positive = side > 0
+    (low_pos, high_pos), (low_neg, high_neg) = _pair_log_bounds(config)
 
     def pick(positive_value: float, negative_value: float) -> torch.Tensor:
         # a 0-dim tensor operand fixes the dtype (a bare Python float would give float32 bounds)
         return torch.where(positive, torch.tensor(positive_value, dtype=dtype, device=side.device), negative_value)
 
-    low = pick(log_bound_low(config.eps_low_pos), log_bound_low(config.eps_low_neg))
-    high = pick(log_bound_high(config.eps_high_pos), log_bound_high(config.eps_high_neg))
-    return low, high
+    return pick(low_pos, low_neg), pick(high_pos, high_neg)
 
 
 def _clamp(values: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float) -> torch.Tensor:
@@ -208,7 +219,7 @@ def cispo_loss(inputs: LossInputs, config: PolicyLossConfig) -> LossTerms:
 
     DISPO with the same pair on both sides. Paper setting eps = (1, 100) (preset 'cispo').
     """
-    low, high = log_bound_low(config.eps_low), log_bound_high(config.eps_high)
+    (low, high), _ = _pair_log_bounds(config)
     return _clipped_weight_terms(inputs, low, high, inputs.advantages)
 
 
@@ -476,9 +487,10 @@ def _fused_policy_loss(
 
     It applies to contiguous CPU float32/float64 tensors of one dtype with per-sequence advantages and a float (or
     bool) mask. Anything else, and any input the kernel's probes reject (non-finite values, a mask that is not 0/1,
-    an empty batch without num_global_tokens, a num_global_tokens below this call's count), returns None: the eager
-    path then computes the result or raises its precise error. Same values as the eager path up to float rounding
-    (exp by polynomial, float64 accumulation); tested against it in tests/algorithms/test_fused_cpu.py."""
+    an empty batch without num_global_tokens), returns None: the eager path then computes the result or raises its
+    precise error. A num_global_tokens below this call's count raises here, with `as_global_count`'s message. Same
+    values as the eager path up to float rounding (exp by polynomial, float64 accumulation); tested against it in
+    tests/algorithms/test_fused_cpu.py."""
     if not (
         isinstance(logprobs, torch.Tensor)
         and isinstance(old_logprobs, torch.Tensor)
@@ -518,12 +530,7 @@ def _fused_policy_loss(
     if kernel is None:
         return None
     num_tokens = as_global_count("num_global_tokens", num_global_tokens, 0.0, "response tokens")
-    if config.loss_type == "dispo":
-        lo_pos, hi_pos = log_bound_low(config.eps_low_pos), log_bound_high(config.eps_high_pos)
-        lo_neg, hi_neg = log_bound_low(config.eps_low_neg), log_bound_high(config.eps_high_neg)
-    else:
-        lo_pos = lo_neg = log_bound_low(config.eps_low)
-        hi_pos = hi_neg = log_bound_high(config.eps_high)
+    positive_pair, negative_pair = _pair_log_bounds(config)
     lp = logprobs.detach().contiguous()
     mask = response_mask.contiguous() if response_mask.dtype == dtype else response_mask.to(dtype)
     grad = torch.empty_like(lp)
@@ -534,7 +541,7 @@ def _fused_policy_loss(
         advantages.detach().reshape(batch).contiguous(),
         None if correct is None else correct.reshape(batch).contiguous(),
         side_by_correct,
-        (lo_pos, hi_pos, lo_neg, hi_neg),
+        (*positive_pair, *negative_pair),
         0.0 if num_tokens is None else 1.0 / num_tokens,
         grad,
     )
@@ -542,8 +549,8 @@ def _fused_policy_loss(
         return None  # the eager path names the bad field
     if num_tokens is None and stats.tokens == 0:
         return None  # ... or the empty batch
-    if num_tokens is not None and stats.tokens > num_tokens + 1e-6 * max(1.0, num_tokens):
-        return None  # ... or the global count below this call's own
+    if num_tokens is not None:  # a global count below this call's own raises here, as on the eager path
+        as_global_count("num_global_tokens", num_global_tokens, stats.tokens, "response tokens")
     telemetry_tokens = num_tokens if num_tokens is not None else stats.tokens
     telemetry = telemetry_values(stats.regime_stats, stats.log_ratio_abs_sum, stats.disagree_tokens, telemetry_tokens)
     metrics = dict(zip(METRIC_KEYS, [stats.value, *telemetry], strict=True))

@@ -81,14 +81,17 @@ CASES = [
 @pytest.mark.parametrize("seq", [1, 15, 16, 33, 300])
 @pytest.mark.parametrize(("preset", "options"), CASES)
 def test_kernel_matches_eager(
-    preset: str, options: dict, seq: int, dtype: torch.dtype, counting_kernel: CountingKernel, monkeypatch
+    preset: str,
+    options: dict,
+    seq: int,
+    dtype: torch.dtype,
+    counting_kernel: CountingKernel,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = make_batch(12, seq, seed=seq, dtype=dtype)
     if data["mask"].sum() == 0:
         data["mask"][0, 0] = 1.0
-    config = get_preset(preset)
-    if options.get("condition_on"):
-        config = PolicyLossConfig(**{**config.__dict__, "condition_on": options["condition_on"]})
+    config = get_preset(preset, condition_on=options.get("condition_on", "advantage_sign"))
     kwargs: dict[str, object] = {}
     if options.get("correct"):
         kwargs["correct"] = data["correct"]

@@ -38,6 +38,7 @@ def _worker(hf_dir: str, tp: int, sequence_parallel: bool) -> dict[str, Any]:
     from megatron_dispo.models.optimizer import OptimizerSettings
     from megatron_dispo.models.parallel import ParallelConfig, initialize_parallel
     from megatron_dispo.models.policy import MegatronPolicy
+    from megatron_dispo.models.prefix_sharing import shared_prefix_logits
     from megatron_dispo.trainer.batching import build_microbatch
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel)
@@ -57,8 +58,6 @@ def _worker(hf_dir: str, tp: int, sequence_parallel: bool) -> dict[str, Any]:
         shared = policy.shared_prompt_logprobs(chunks, prompts, responses)
         result[ragged] = (full, shared, [len(r) for r in responses])
     with pytest.raises(ValueError, match="one prompt per response"):
-        from megatron_dispo.models.prefix_sharing import shared_prefix_logits
-
         shared_prefix_logits(policy.model, [[1, 2]], [[3], [4]], pad_token_id=0)
     policy.model.train()
     with pytest.raises(RuntimeError, match="eval mode"):
