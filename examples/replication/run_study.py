@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def warmup_model_dir(runs_root: Path, seed: int) -> Path:
+    """Where the warm-up model of a seed lives; every arm of that seed starts from it."""
+    return runs_root / "warmup" / f"seed{seed}" / "warmup_model"
+
+
 def logged_steps(run_dir: Path) -> dict[int, dict]:
     """{step: record} of a run directory's metrics.jsonl (empty when the run never logged)."""
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     console.rule(f"[bold]DISPO replication study: {len(arms)} arms x seeds {seeds}, {max_steps} steps each")
 
     for seed in seeds:  # warm-ups first: every arm of a seed starts from the same model
-        warm_model = runs_root / "warmup" / f"seed{seed}" / "warmup_model"
+        warm_model = warmup_model_dir(runs_root, seed)
         if not (warm_model / "config.json").is_file():
             source: DataSourceConfig = config.data.train[0]
             build_warmup_model(warm_model.parent, seed, warmup_steps, source, console)
@@ -132,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"error: {run_dir} holds a run longer than {max_steps} steps; pass another --runs folder for "
                     "a shorter study (e.g. --runs /tmp/smoke/runs)."
                 )
-            warm_model = runs_root / "warmup" / f"seed{seed}" / "warmup_model"
-            command = train_command(args.config, spec["preset"], warm_model, run_dir, seed, overrides)
+            command = train_command(
+                args.config, spec["preset"], warmup_model_dir(runs_root, seed), run_dir, seed, overrides
+            )
             pending.append(Run(name, seed, run_dir, command))
 
     progress = Progress(

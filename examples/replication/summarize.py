@@ -150,7 +150,7 @@ def paired_claims(summary: Mapping, claims: Sequence[Mapping[str, str]]) -> list
 
 def _cell(stat: Mapping[str, float]) -> str:
     mean, sd = stat["mean"], stat["sd"]
-    return "n/a" if mean is None or not np.isfinite(mean) else f"{mean:.3f} ± {sd:.3f}"
+    return "n/a" if not np.isfinite(mean) else f"{mean:.3f} ± {sd:.3f}"
 
 
 def write_summary(summary: Mapping, results: Path) -> None:
