@@ -2,7 +2,7 @@
 
 from megatron_dispo.refit.config import RefitConfig
 from megatron_dispo.refit.probe import ProbeBatch, ProbeReport, RefitCheckError
-from megatron_dispo.refit.refit import RefitMismatchError, RefitStats, Refitter
+from megatron_dispo.refit.refit import RefitMismatchError, RefitStats, Refitter, send_weights
 
 __all__ = [
     "ProbeBatch",
@@ -12,4 +12,5 @@ __all__ = [
     "RefitMismatchError",
     "RefitStats",
     "Refitter",
+    "send_weights",
 ]

@@ -63,6 +63,12 @@ class RefitConfig:
         if not 0 < self.checksum_rtol < 1:
             raise ValueError(f"checksum_rtol={self.checksum_rtol} must be in (0, 1); 1e-4 suits fp32 and bf16.")
 
+    def check_due(self, refit_index: int) -> bool:
+        """Whether the ``refit_index``-th refit (1-based) runs the probe self-check: the 1st, then every
+        ``check_every``-th. One rule for the trainer (which computes its probe log-probs on every rank) and the
+        :class:`~megatron_dispo.refit.refit.Refitter` (which scores the probe in the engine)."""
+        return self.check_every > 0 and (refit_index - 1) % self.check_every == 0
+
     @property
     def bucket_bytes(self) -> int:
         """Bucket size in bytes."""

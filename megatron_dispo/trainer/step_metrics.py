@@ -48,7 +48,8 @@ def mismatch_metrics(
     total = torch.zeros(3, dtype=torch.float64)  # sum |delta|, sum k3, token count
     max_abs = torch.zeros(1, dtype=torch.float64)
     for index, values in trainer_logprobs.items():
-        delta = torch.tensor(values, dtype=torch.float64) - torch.tensor(rollout_logprobs[index], dtype=torch.float64)
+        rollout = torch.as_tensor(rollout_logprobs[index], dtype=torch.float64)
+        delta = torch.as_tensor(values, dtype=torch.float64) - rollout
         if delta.numel() == 0:
             continue
         total += torch.stack([delta.abs().sum(), (torch.expm1(delta) - delta).sum(), torch.tensor(delta.numel())])
