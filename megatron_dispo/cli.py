@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("megatron_dispo.demo", "Train a tiny Qwen3 on synthetic arithmetic on CPU (the embedded default)."),
     "convert": ("megatron_dispo.models.convert_cli", "Convert checkpoints HF <-> Megatron (hf-to-mcore, mcore-to-hf)."),
     "eval": ("megatron_dispo.eval.cli", "Evaluate a model or a responses file: Avg@n, pass@k, maj@k (paper App. B)."),
+    "plan": (
+        "megatron_dispo.plan_cli",
+        "Check a config's parallel layout and per-GPU memory for N nodes x G GPUs, without starting anything.",
+    ),
 }
 
 

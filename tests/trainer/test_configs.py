@@ -51,8 +51,8 @@ def test_paper_batch_and_bounds():
 
 def test_30b_layout_fits_32_gpus_and_not_12():
     config = load_run_config(CONFIG_DIR / "qwen3_30b_a3b_dispo.yaml")
-    config.validate_for_world(32, hf_config=QWEN3_30B_A3B)  # TP4 x EP8: 4 nodes of 8 GPUs
-    with pytest.raises(ValueError, match=r"world_size \(12\) must be a multiple of expert_model_parallel_size \(8\)"):
+    config.validate_for_world(32, hf_config=QWEN3_30B_A3B)  # TP4 x EP32: 4 nodes of 8 GPUs
+    with pytest.raises(ValueError, match=r"world_size \(12\) must be a multiple of expert_model_parallel_size \(32\)"):
         config.validate_for_world(12, hf_config=QWEN3_30B_A3B)
 
 
