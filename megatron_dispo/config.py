@@ -22,6 +22,7 @@ from megatron_dispo.config_loader import ConfigError, load_config
 from megatron_dispo.models.optimizer import OptimizerSettings
 from megatron_dispo.models.parallel import ParallelConfig
 from megatron_dispo.refit.config import RefitConfig
+from megatron_dispo.rewards.config import RewardConfig
 from megatron_dispo.rollout.config import RolloutConfig
 from megatron_dispo.trainer.metrics import LoggingConfig
 from megatron_dispo.trainer.rollout_phase import DynamicSamplingConfig
@@ -199,6 +200,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimizerSettings = field(default_factory=OptimizerSettings)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     refit: RefitConfig = field(default_factory=RefitConfig)

@@ -6,6 +6,10 @@ Responses come in contiguous groups of G (the G samples of one prompt): rows [0,
     A_i =  R_i - mean_group(R)                      (scale_by_std=False; Dr. GRPO, arXiv 2503.20783)
 
 A group whose rewards are all equal (std = 0) carries no learning signal: its advantages are exactly 0, never NaN.
+
+With a validity mask (``valid``), invalid responses (e.g. a verifier timeout under ``reward.on_verifier_failure:
+drop``) leave their group: mean and std are over the valid members only (G_valid of them), invalid members get
+advantage 0, and a group with fewer than two valid members, or whose valid rewards are all equal, gets 0 throughout.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ def group_relative_advantages(
     *,
     scale_by_std: bool = True,
     std_eps: float = 0.0,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-response advantages, shape like `rewards` ([num_groups * group_size]).
 
@@ -27,6 +32,8 @@ def group_relative_advantages(
         group_size: G, responses per prompt (>= 1).
         scale_by_std: divide by the group's population std (GRPO/DISPO) or not (Dr. GRPO).
         std_eps: added to the std before dividing (0 = exact Eq. 3); zero-std groups give 0 either way.
+        valid: optional bool mask like `rewards`; False removes a response from its group (advantage 0, not in the
+            group's mean/std). Its reward may then be anything, NaN included. None: every response counts.
     """
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}.")
@@ -41,10 +48,12 @@ def group_relative_advantages(
             f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}; groups must be "
             "complete contiguous blocks of group_size responses."
         )
-    if not bool(torch.isfinite(rewards).all()):
-        raise ValueError("rewards contain NaN or inf; check the verifier / reward shaping.")
     if not isinstance(std_eps, int | float) or std_eps < 0:
         raise ValueError(f"std_eps={std_eps!r} must be a number >= 0.")
+    if valid is not None:
+        return _masked_group_advantages(rewards, group_size, valid, scale_by_std=scale_by_std, std_eps=std_eps)
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards contain NaN or inf; check the verifier / reward shaping.")
     groups = rewards.reshape(-1, group_size)
     centered = groups - groups.mean(dim=1, keepdim=True)
     if not scale_by_std:
@@ -56,3 +65,30 @@ def group_relative_advantages(
         constant, torch.zeros_like(centered), centered / (std + std_eps).masked_fill(constant, 1.0)
     )
     return advantages.reshape(-1)
+
+
+def _masked_group_advantages(
+    rewards: torch.Tensor, group_size: int, valid: torch.Tensor, *, scale_by_std: bool, std_eps: float
+) -> torch.Tensor:
+    """`group_relative_advantages` over the valid members of each group only (invalid members get exactly 0)."""
+    if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a torch.bool tensor, got {getattr(valid, 'dtype', type(valid).__name__)}.")
+    if valid.shape != rewards.shape:
+        raise ValueError(f"valid has shape {list(valid.shape)}; expected the shape of rewards, {list(rewards.shape)}.")
+    valid = valid.to(rewards.device)
+    if not bool(torch.isfinite(rewards[valid]).all()):
+        raise ValueError("rewards of valid responses contain NaN or inf; check the verifier / reward shaping.")
+    mask = valid.reshape(-1, group_size)
+    groups = torch.where(mask, rewards.reshape(-1, group_size), torch.zeros((), dtype=rewards.dtype))
+    count = mask.sum(dim=1, keepdim=True).clamp_min(1).to(rewards.dtype)
+    mean = groups.sum(dim=1, keepdim=True) / count
+    centered = torch.where(mask, groups - mean, torch.zeros((), dtype=rewards.dtype))
+    # "no signal" is decided on the rewards themselves (valid max == valid min), not on a float std that may keep
+    # residue: it covers groups with 0 or 1 valid members and groups whose valid rewards are all equal.
+    highest = torch.where(mask, groups, -torch.inf).amax(dim=1, keepdim=True)
+    lowest = torch.where(mask, groups, torch.inf).amin(dim=1, keepdim=True)
+    no_signal = highest <= lowest
+    if scale_by_std:
+        std = (centered.square().sum(dim=1, keepdim=True) / count).sqrt()
+        centered = centered / (std + std_eps).masked_fill(no_signal, 1.0)
+    return torch.where(no_signal, torch.zeros_like(centered), centered).reshape(-1)

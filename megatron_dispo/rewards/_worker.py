@@ -1,18 +1,69 @@
 """Entry point of one verifier worker process (started by `megatron_dispo.rewards.pool.VerifierPool`).
 
-Run as ``python -m megatron_dispo.rewards._worker READ_FD WRITE_FD``: a fresh interpreter that imports only
-math-verify and this package's rewards modules (never the parent's ``__main__``, torch or CUDA state). It answers
+Run as ``python -m megatron_dispo.rewards._worker READ_FD WRITE_FD PARENT_PID``: a fresh interpreter that imports
+only math-verify and this package's rewards modules (never the parent's ``__main__``, torch or CUDA state). It answers
 ``(task_id, gold, prediction, timeout_s)`` messages with ``(task_id, verdict, detail)`` until its inbox closes.
 The worker runs math-verify on its main thread, so math-verify's ``signal.alarm`` timeouts work here; the parent
 still enforces the hard deadline by killing the process.
+
+A worker never outlives its parent, however the parent ends. A normal exit closes the pool (atexit); SIGTERM and
+SIGKILL run no parent code, and the inbox may not even reach EOF (a child the parent forked keeps the pipe open), so
+the worker watches for itself: on Linux the kernel sends it SIGKILL when the parent dies (``PR_SET_PDEATHSIG``, the
+only thing that stops it inside a long C call such as a huge integer power, which holds the GIL); everywhere a daemon
+thread sees ``os.getppid()`` change and exits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
+import threading
+import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_POLL_S = 0.5
+"""How often the watchdog thread checks that the parent is alive (a backstop to PR_SET_PDEATHSIG)."""
+
+
+def set_parent_death_signal() -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies; False where prctl is unavailable (not Linux).
+
+    The kernel ties this to the parent *thread* that forked us, so the pool forks workers from one thread that lives
+    as long as its process (`pool._Spawner`).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def watch_parent(
+    parent_pid: int, *, poll_s: float = PARENT_POLL_S, on_orphaned: Callable[[], object] | None = None
+) -> threading.Thread:
+    """Start a daemon thread that calls `on_orphaned` (default: exit now) once `parent_pid` is no longer our parent.
+
+    An orphan is re-parented (to init or a subreaper), so a changed ``os.getppid()`` means the parent is gone; a
+    recycled pid cannot fool it.
+    """
+
+    def exit_now() -> None:
+        os._exit(0)  # no cleanup to do, and the main thread may be stuck in math-verify
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        (on_orphaned or exit_now)()
+
+    thread = threading.Thread(target=watch, name="parent-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def serve(inbox: Connection, outbox: Connection) -> int:
@@ -43,10 +94,15 @@ def serve(inbox: Connection, outbox: Connection) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        raise SystemExit("usage: python -m megatron_dispo.rewards._worker READ_FD WRITE_FD")
+    if len(argv) != 3:
+        raise SystemExit("usage: python -m megatron_dispo.rewards._worker READ_FD WRITE_FD PARENT_PID")
     # Ctrl-C goes to the whole process group; the parent decides what happens to its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent_pid = int(argv[2])
+    set_parent_death_signal()
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed: nobody will send it
+        return 0
+    watch_parent(parent_pid)
     inbox = Connection(int(argv[0]), writable=False)
     outbox = Connection(int(argv[1]), readable=False)
     return serve(inbox, outbox)

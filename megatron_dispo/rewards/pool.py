@@ -12,6 +12,11 @@ Guarantees: an answer not verified within ``timeout_s`` of becoming the answer i
 worker that dies mid-answer gives ``error`` for that answer and is replaced. Callers on any thread are served one
 batch at a time (a lock), and no call waits longer than about ``(ceil(len(batch) / num_workers) + 1) * timeout_s``
 plus worker start-up.
+
+Lifetime: workers end with the process that owns the pool, however it ends. `close` (atexit for the shared pool)
+stops them on a normal exit or an uncaught exception; on SIGTERM or SIGKILL of the parent each worker kills itself
+(see `_worker`). The pool starts no ``multiprocessing`` machinery (no spawn children, no ``resource_tracker``):
+``multiprocessing.connection`` is used only to frame messages on pipes.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import atexit
 import contextlib
 import itertools
 import os
+import queue
 import subprocess
 import sys
 import threading
 import time
 import zlib
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -53,6 +60,86 @@ class _Worker:
 
     def __post_init__(self) -> None:
         self.pid = self.process.pid
+
+
+def _start_worker() -> _Worker:
+    """Start one worker process with its two pipes (runs on the spawner thread, see `_Spawner`)."""
+    child_read, parent_write = os.pipe()
+    parent_read, child_write = os.pipe()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", _WORKER_MODULE, str(child_read), str(child_write), str(os.getpid())],
+            pass_fds=(child_read, child_write),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    except BaseException:
+        os.close(parent_write)
+        os.close(parent_read)
+        raise
+    finally:
+        os.close(child_read)
+        os.close(child_write)
+    return _Worker(
+        process=process,
+        to_worker=Connection(parent_write, readable=False),
+        from_worker=Connection(parent_read, writable=False),
+        spawned_at=time.monotonic(),
+    )
+
+
+class _Spawner:
+    """Starts every worker of this process from one daemon thread that lives as long as the process.
+
+    Workers arm ``PR_SET_PDEATHSIG`` (see `_worker`), and Linux sends that signal when the *thread* that forked the
+    worker ends, not the process. Forked from a caller's thread (a pool created, or a worker replaced, inside a
+    `verify_batch` call on a short-lived thread), a healthy worker would be killed as soon as that thread returned.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._requests: queue.SimpleQueue[Future[_Worker]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="verifier-spawner", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            future = self._requests.get()
+            try:
+                future.set_result(_start_worker())
+            except BaseException as error:  # handed to the caller, which re-raises it
+                future.set_exception(error)
+
+    def start_worker(self) -> _Worker:
+        """`_start_worker` on the spawner thread; blocks until the process is started."""
+        future: Future[_Worker] = Future()
+        self._requests.put(future)
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted while waiting (e.g. KeyboardInterrupt): nobody will own the worker, so stop it once started.
+            future.add_done_callback(_kill_if_started)
+            raise
+
+
+def _kill_if_started(future: Future[_Worker]) -> None:
+    if future.exception() is None:
+        VerifierPool._kill(future.result())
+
+
+_spawner_instance: _Spawner | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawner() -> _Spawner:
+    """This process's spawner (a forked child gets its own: threads do not survive fork)."""
+    global _spawner_instance
+    with _spawner_lock:
+        if _spawner_instance is None or _spawner_instance.pid != os.getpid():
+            _spawner_instance = _Spawner()
+        return _spawner_instance
 
 
 class _GoldAffinityQueue:
@@ -103,27 +190,7 @@ class VerifierPool:
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def _spawn(self) -> _Worker:
-        child_read, parent_write = os.pipe()
-        parent_read, child_write = os.pipe()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-        env.setdefault("OMP_NUM_THREADS", "1")
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", _WORKER_MODULE, str(child_read), str(child_write)],
-                pass_fds=(child_read, child_write),
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        finally:
-            os.close(child_read)
-            os.close(child_write)
-        return _Worker(
-            process=process,
-            to_worker=Connection(parent_write, readable=False),
-            from_worker=Connection(parent_read, writable=False),
-            spawned_at=time.monotonic(),
-        )
+        return _spawner().start_worker()
 
     @staticmethod
     def _kill(worker: _Worker) -> None:

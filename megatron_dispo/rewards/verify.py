@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from megatron_dispo.rewards.extract import ANSWER_FORMATS, AnswerFormat, extract_answer, reference_answer
 from megatron_dispo.rewards.pool import VerifierPool, get_default_pool
 
 Outcome = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
-OUTCOMES: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+"""The outcome vocabulary, in report order (metrics, eval tables and counters all use these names)."""
+VERIFIER_FAILURES: tuple[Outcome, ...] = ("timeout", "error")
+"""Outcomes where the verifier could not decide (as opposed to a decided wrong or missing answer)."""
 REWARD_CORRECT = 1.0
 REWARD_WRONG = -1.0
 
