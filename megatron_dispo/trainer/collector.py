@@ -9,6 +9,7 @@ call returns its own results and timings; nothing is carried between calls in in
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,9 +18,12 @@ from typing import Any
 from megatron_dispo.config import Config
 from megatron_dispo.data.problem import Problem
 from megatron_dispo.data.templates import encode_prompt
-from megatron_dispo.rewards import verify_batch
+from megatron_dispo.rewards import OutcomeCounts, outcome_fractions, screen_verifier_failures, verify_batch
 from megatron_dispo.trainer.data_setup import build_mixture, load_heldout
 from megatron_dispo.trainer.rollout_phase import DynamicSampler, GroupRollout
+from megatron_dispo.trainer.step_batch import StepBatch
+
+logger = logging.getLogger(__name__)
 
 PROBE_SIZE = 4
 """Sequences in the refit self-check's probe batch."""
@@ -33,6 +37,8 @@ class _RoundCosts:
     engine_seconds: float = 0.0
     reward_seconds: float = 0.0
     engine_stats: list[dict[str, float]] = field(default_factory=list)
+    outcomes: OutcomeCounts = field(default_factory=OutcomeCounts)
+    """Verifier outcomes of every sampled response (all rounds), before filtering."""
 
 
 class RolloutCollector:
@@ -93,9 +99,10 @@ class RolloutCollector:
         batch = self.engine.generate(prompt_ids, self.group_size, seed=seed)
         golds = [prompts[g][0].answer for g in batch.group_index]
         started = time.perf_counter()
-        results = verify_batch(batch.texts, golds, answer_format=self.config.data.answer_format)
+        results = self._verify(batch.texts, golds)
         costs.reward_seconds += time.perf_counter() - started
         costs.engine_stats.append(batch.stats)
+        costs.outcomes += OutcomeCounts.from_results(results)
         groups = []
         size = self.group_size
         for p, (problem, ids) in enumerate(prompts):
@@ -116,6 +123,12 @@ class RolloutCollector:
             )
         return groups
 
+    def _verify(self, texts: list[str], golds: list[str]) -> list[Any]:
+        reward = self.config.reward
+        return verify_batch(
+            texts, golds, answer_format=self.config.data.answer_format, timeout_s=reward.verify_timeout_s
+        )
+
     def collect(self, step: int, *, granularity: int) -> tuple[list[GroupRollout], dict[str, float]]:
         """This step's groups (a multiple of ``granularity``) and the rollout metrics of getting them."""
         cfg = self.config
@@ -135,7 +148,24 @@ class RolloutCollector:
         metrics["perf/rollout/tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
         metrics["perf/time/reward_s"] = costs.reward_seconds
         metrics["rollout/skipped_long_prompts"] = float(self.skipped_long_prompts)
+        metrics.update(outcome_fractions(costs.outcomes))
         return groups, metrics
+
+    def to_step_batch(self, groups: Sequence[GroupRollout], step: int) -> StepBatch:
+        """The kept groups as the step's tensors; ``reward.on_verifier_failure`` decides which samples stay valid."""
+        outcomes = [o for g in groups for o in g.outcomes]
+        screen = screen_verifier_failures(outcomes, self.config.reward)
+        if screen.warning is not None:
+            logger.warning("step %d: %s", step, screen.warning)
+        size = self.group_size
+        return StepBatch.from_sequences(
+            prompts=[g.prompt_ids for g in groups for _ in range(size)],
+            responses=[r for g in groups for r in g.response_ids],
+            rollout_logprobs=[lp for g in groups for lp in g.rollout_logprobs],
+            correct=[c for g in groups for c in g.correct],
+            finish_reasons=[f for g in groups for f in g.finish_reasons],
+            valid=screen.valid,
+        )
 
     # ------------------------------------------------------------------ held-out evaluation
     def evaluate(self) -> dict[str, float]:
@@ -151,11 +181,12 @@ class RolloutCollector:
             [ids for _, ids in kept], cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, seed=self.config.trainer.seed
         )
         golds = [kept[g][0].answer for g in batch.group_index]
-        results = verify_batch(batch.texts, golds, answer_format=self.config.data.answer_format)
+        results = self._verify(batch.texts, golds)
         return {
             "eval/heldout/accuracy": sum(r.correct for r in results) / max(len(results), 1),
             "eval/heldout/len_mean": sum(batch.response_lengths) / max(len(results), 1),
             "eval/heldout/num_problems": float(len(kept)),
+            **outcome_fractions(results, prefix="eval/heldout/verify/"),
         }
 
     # ------------------------------------------------------------------ checkpoint state

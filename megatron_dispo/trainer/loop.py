@@ -174,13 +174,7 @@ class Trainer:
             self._engine_wake(None)
             granularity = self.config.trainer.num_minibatches * self.policy.dp_size
             groups, metrics = self.collector.collect(step, granularity=granularity)
-            local = StepBatch.from_sequences(
-                prompts=[g.prompt_ids for g in groups for _ in range(self.group_size)],
-                responses=[r for g in groups for r in g.response_ids],
-                rollout_logprobs=[lp for g in groups for lp in g.rollout_logprobs],
-                correct=[c for g in groups for c in g.correct],
-                finish_reasons=[f for g in groups for f in g.finish_reasons],
-            )
+            local = self.collector.to_step_batch(groups, step)
         batch = broadcast_step_batch(local, src=ENGINE_RANK)
         metrics["rollout/dynamic_sampling/empty_batch"] = float(batch.num_sequences == 0)
         return batch, metrics
@@ -191,9 +185,11 @@ class Trainer:
         lengths = batch.response_lens.to(torch.float32)
         rewards = torch.where(batch.correct, 1.0, -1.0)
         shaped = apply_overlong_penalty(rewards, lengths, cfg.overlong) if cfg.algorithm.overlong_penalty else rewards
+        dropped = not bool(batch.valid.all())  # reward.on_verifier_failure=drop removed some samples
         advantages = group_relative_advantages(
-            shaped, self.group_size, scale_by_std=cfg.algorithm.scale_advantages_by_std
-        )
+            shaped, self.group_size, scale_by_std=cfg.algorithm.scale_advantages_by_std,
+            valid=batch.valid if dropped else None,
+        )  # fmt: skip
         metrics = reward_metrics(rewards, shaped, batch.correct, lengths, advantages)
         metrics.update(finish_reason_metrics(batch.finish_reasons()))
         return advantages, metrics
@@ -202,7 +198,7 @@ class Trainer:
         cfg = self.config.trainer
         minibatches = split_minibatches(batch.num_sequences, self.group_size, cfg.num_minibatches)
         dp_size, dp_rank = self.policy.dp_size, self.policy.dp_rank
-        response_lengths = batch.response_lens.tolist()
+        response_lengths = (batch.response_lens * batch.valid).tolist()  # dropped samples carry no loss tokens
         return UpdatePlan(
             minibatches=minibatches,
             local=[shard_for_data_parallel(mb, self.group_size, dp_rank, dp_size) for mb in minibatches],
@@ -215,10 +211,13 @@ class Trainer:
     ) -> list[MicroBatch]:
         """``indices`` packed under the micro-batch token budget, as padded tensors."""
         budget = self.config.trainer.max_tokens_per_microbatch
-        return [
+        micro = [
             build_microbatch(chunk, batch.prompts, batch.responses, pad_token_id=self.pad_token_id, **fields)
             for chunk in pack_microbatches(indices, plan.sequence_lengths, budget)
         ]
+        for b in micro:  # samples dropped by the verifier-failure policy get no loss weight
+            b.response_mask[~batch.valid[list(b.indices)]] = 0.0
+        return micro
 
     def _old_logprobs(self, batch: StepBatch, plan: UpdatePlan) -> dict[int, Any]:
         """pi_old of this rank's response tokens, one no-grad forward over every mini-batch but the first.
@@ -241,7 +240,7 @@ class Trainer:
         cfg = self.config
         tis_cap = cfg.algorithm.tis_cap
         rollout_logprobs = batch.rollout_logprobs_per_sequence() if tis_cap is not None else None
-        nonempty = batch.response_lens > 0
+        counted = (batch.response_lens > 0) & batch.valid
         results = []
         for update_index, (minibatch, share) in enumerate(zip(plan.minibatches, plan.local, strict=True)):
             on_policy = update_index == 0 and tis_cap is None
@@ -256,7 +255,7 @@ class Trainer:
                     micro,
                     cfg.algorithm.loss,
                     num_global_tokens=plan.token_counts[update_index],
-                    num_global_sequences=int(nonempty[minibatch].sum()),
+                    num_global_sequences=int(counted[minibatch].sum()),
                     correct=[batch.correct[list(b.indices)] for b in micro],
                     token_advantages=token_advantages,
                     captured_old_logprobs=old_logprobs if on_policy else None,
