@@ -112,10 +112,10 @@ def regime_stats(
     positive, negative = side > 0, side < 0
     rows = []
     for in_regime in (positive & up, positive & down, negative & up, negative & down):
-        count = in_regime.sum(dtype=torch.float64)
-        clipped_count = (in_regime & clipped).sum(dtype=torch.float64)
-        weight_sum = torch.where(in_regime, is_weight, 0.0).sum().double()
-        rows.append(torch.stack([count, clipped_count, weight_sum]))
+        count = torch.count_nonzero(in_regime)
+        clipped_count = torch.count_nonzero(in_regime & clipped)
+        weight_sum = torch.where(in_regime, is_weight, 0.0).sum()
+        rows.append(torch.stack([count.double(), clipped_count.double(), weight_sum.double()]))
     return torch.stack(rows)
 
 
@@ -126,7 +126,7 @@ def sign_correct_disagreement(
     if correct is None:
         return torch.zeros((), dtype=torch.float64, device=mask.device)
     disagree = ((advantages > 0) & ~correct) | ((advantages < 0) & correct)
-    return (disagree & (mask > 0)).sum(dtype=torch.float64)
+    return torch.count_nonzero(disagree & (mask > 0)).double()
 
 
 def pack_metrics(metrics: Mapping[str, float]) -> list[float]:
