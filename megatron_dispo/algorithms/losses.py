@@ -42,7 +42,7 @@ def _side_log_bounds(
     side: torch.Tensor, config: PolicyLossConfig, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DISPO's per-side log clip bounds (Eq. 9), shaped like `side`: the positive pair where side > 0, else the
-    negative pair. CISPO (Eq. 7) is the same with one pair on both sides."""
+    negative pair."""
 
     def pick(positive: float, negative: float) -> torch.Tensor:
         # tensor operands in `dtype`: bare Python floats would give float32 bounds for float64 inputs
