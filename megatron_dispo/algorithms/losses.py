@@ -228,8 +228,10 @@ def compute_policy_loss(
     inputs, correct_b = _prepare_inputs(
         logprobs, old_logprobs, advantages, response_mask, config, correct, entropy, segment_ids
     )
-    local_tokens = float(inputs.mask.sum())
-    local_sequences = float((inputs.mask.sum(1) > 0).sum())
+    row_tokens = inputs.mask.sum(1)
+    local_tokens, local_sequences = torch.stack(
+        [row_tokens.sum(dtype=torch.float64), (row_tokens > 0).sum(dtype=torch.float64)]
+    ).tolist()
     num_tokens = as_global_count("num_global_tokens", num_global_tokens, local_tokens, "response tokens")
     num_sequences = as_global_count("num_global_sequences", num_global_sequences, local_sequences, "sequences")
     if aggregation == "seq_mean_token_mean" and num_tokens is not None and num_sequences is None:
