@@ -1,5 +1,6 @@
-"""compute_policy_loss in float32 against an independent float64 reference, a scaled backward, and the input checks
-on values that are easy to get wrong (non-finite padding, a non-finite mask, finite values whose sum overflows)."""
+"""compute_policy_loss in float32 against an independent float64 reference, calls that leave no state behind, a
+scaled backward, and the input checks on values that are easy to get wrong (non-finite padding, a non-finite mask,
+finite values whose sum overflows)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,27 @@ def test_float32_gradient_matches_float64_closed_form_within_a_few_ulp() -> None
     _, grad, _ = run(data)
     expected = dispo_reference(data["logprobs"], data["old"], data["advantages"], data["mask"])
     torch.testing.assert_close(grad.double(), expected, rtol=5e-7, atol=1e-12)
+
+
+def test_a_call_of_another_shape_in_between_leaves_results_unchanged() -> None:
+    small, large = batch(4, 33, seed=4), batch(32, 500, seed=5)
+    first = run(small)
+    run(large)  # no state survives a call
+    again = run(small)
+    assert first[0] == again[0]
+    assert torch.equal(first[1], again[1])
+    assert first[2] == again[2]
+    expected = dispo_reference(small["logprobs"], small["old"], small["advantages"], small["mask"])
+    torch.testing.assert_close(again[1].double(), expected, rtol=5e-7, atol=1e-12)
+
+
+def test_a_kept_gradient_is_not_changed_by_a_later_call() -> None:
+    data = batch(8, 64, seed=6)
+    _, _, _ = run(data)
+    kept = data["logprobs"].grad  # the caller keeps the gradient tensor itself
+    snapshot = kept.clone()
+    run(batch(8, 64, seed=7))  # a second call of the same shape
+    assert torch.equal(kept, snapshot)
 
 
 def test_backward_with_a_non_unit_seed_scales_the_gradient() -> None:
