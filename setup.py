@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_dispo", "megatron_dispo.*"]),
     include_package_data=True,
-    package_data={"megatron_dispo": ["py.typed", "algorithms/csrc/*.cpp"]},
+    package_data={"megatron_dispo": ["py.typed"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core==0.16.1",

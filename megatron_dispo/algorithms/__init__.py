@@ -1,8 +1,8 @@
 """megatron_dispo.algorithms: the paper's maths in pure torch (no Megatron, no vLLM, no I/O).
 
 losses.compute_policy_loss + PolicyLossConfig + presets.get_preset are the entry points of the policy losses;
-advantages, filters, shaping and repetition are the rollout-side pieces (Eq. 3, DAPO dynamic sampling and overlong
-shaping, loop detection).
+advantages, filters, shaping, repetition and tis are the rollout-side pieces (Eq. 3, DAPO dynamic sampling and
+overlong shaping, loop detection, truncated importance sampling).
 """
 
 from megatron_dispo.algorithms.advantages import group_relative_advantages
@@ -20,6 +20,7 @@ from megatron_dispo.algorithms.repetition import (
 from megatron_dispo.algorithms.shaping import OverlongConfig, apply_overlong_penalty, overlong_penalty
 from megatron_dispo.algorithms.sspo import segment_ids_from_delimiters
 from megatron_dispo.algorithms.telemetry import METRIC_REDUCTIONS, pack_metrics, reduce_metrics, unpack_metrics
+from megatron_dispo.algorithms.tis import truncated_is_weights
 
 __all__ = [
     "METRIC_REDUCTIONS",
@@ -44,5 +45,6 @@ __all__ = [
     "reduce_metrics",
     "register_policy_loss",
     "segment_ids_from_delimiters",
+    "truncated_is_weights",
     "unpack_metrics",
 ]

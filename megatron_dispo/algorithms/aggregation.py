@@ -18,33 +18,36 @@ import torch
 from megatron_dispo.algorithms.registry import Aggregation
 
 
-def aggregation_row_scale(
+def aggregate(
+    token_loss: torch.Tensor,
+    mask: torch.Tensor,
     aggregation: Aggregation,
-    row_tokens: torch.Tensor,
     *,
     num_tokens: float,
     num_sequences: float,
-) -> torch.Tensor | float:
-    """The factor that, times the mask, gives scale_{i,t}: a float (token_mean) or a [batch, 1] tensor.
+) -> torch.Tensor:
+    """sum_t scale_t * token_loss_t (see the module docstring), a 0-dim tensor.
 
     Args:
+        token_loss, mask: [batch, seq]; padding (mask 0) is excluded even where token_loss is not 0.
         aggregation: 'token_mean' or 'seq_mean_token_mean'.
-        row_tokens: [batch] number of response tokens per sequence of this call.
         num_tokens: N, the global token count (or this call's own when no global one was given).
         num_sequences: G, the global count of sequences with >= 1 response token (or this call's own).
     """
+    masked = token_loss * mask
     if aggregation == "token_mean":
         if num_tokens == 0:
             raise ValueError(
                 "response_mask is all zero: there is no response token to average over; drop the empty batch, "
                 "or pass num_global_tokens when this is one micro-batch of a larger mini-batch."
             )
-        return 1.0 / num_tokens
+        return masked.sum() / num_tokens
     if aggregation == "seq_mean_token_mean":
         if num_sequences == 0:
             raise ValueError(
                 "response_mask is all zero: there is no response to average over; drop the empty batch, or "
                 "pass num_global_sequences when this is one micro-batch of a larger mini-batch."
             )
-        return (1.0 / (row_tokens.clamp(min=1) * num_sequences)).unsqueeze(1)
+        row_tokens = mask.sum(1).clamp(min=1)  # an empty row adds 0 either way
+        return (masked.sum(1) / row_tokens).sum() / num_sequences
     raise ValueError(f"aggregation={aggregation!r} is unknown; use 'token_mean' or 'seq_mean_token_mean'.")

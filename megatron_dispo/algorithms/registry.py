@@ -1,8 +1,9 @@
 """Name -> policy-loss registry.
 
 A new loss is one decorated function plus a preset (see `presets.py`); nothing else needs to change. Every loss has
-the `PolicyLossFn` signature and returns `LossTerms`, the per-token pieces that `losses.compute_policy_loss`
-aggregates, differentiates and turns into telemetry.
+the `PolicyLossFn` signature: it reads `LossInputs` and returns `LossTerms`, its per-token loss (differentiable in
+`logprobs`) and what the regime telemetry needs; `losses.compute_policy_loss` aggregates the loss and reports the
+telemetry.
 """
 
 from __future__ import annotations
@@ -22,18 +23,17 @@ Aggregation = Literal["token_mean", "seq_mean_token_mean"]
 
 @dataclass(frozen=True)
 class LossInputs:
-    """Validated, detached views of the batch that every loss function reads. All tensors are [batch, seq] or
-    broadcast to it ([batch, 1] for per-sequence quantities)."""
+    """Validated views of the batch that every loss function reads. All tensors are [batch, seq] or broadcast to it
+    ([batch, 1] for per-sequence quantities); only `logprobs` and `log_ratio` carry a gradient."""
 
     logprobs: torch.Tensor
-    """log pi_theta of the sampled tokens, detached (the gradient is applied by the caller)."""
+    """log pi_theta of the sampled tokens (float32 or wider), differentiable."""
     old_logprobs: torch.Tensor
-    """log pi_old of the sampled tokens (the behaviour policy that generated them)."""
+    """log pi_old of the sampled tokens (the behaviour policy that generated them), detached."""
     log_ratio: torch.Tensor
-    """(logprobs - old_logprobs) * mask: log r, exactly 0 on padding so padding sits in no regime. The loss function
-    owns this buffer and may overwrite it in place (the caller has already read what it needs)."""
+    """(logprobs - old_logprobs) * mask: log r, differentiable, exactly 0 on padding so padding sits in no regime."""
     advantages: torch.Tensor
-    """[batch, 1] (per sequence) or [batch, seq] (per token)."""
+    """[batch, 1] (per sequence) or [batch, seq] (per token), detached."""
     mask: torch.Tensor
     """1.0 on response tokens, 0.0 elsewhere, in the dtype of `logprobs`."""
     side: torch.Tensor
@@ -46,37 +46,17 @@ class LossInputs:
 
 
 class LossTerms(NamedTuple):
-    """What a loss function returns: the per-token loss and its derivative, before aggregation.
+    """What a loss function returns, before aggregation. All [batch, seq]; values on padding are ignored."""
 
-    With g_t = grad_coef_t * row_factor_b (row_factor = 1 when None), the aggregated loss is sum_t scale_t * l_t and
-    its gradient w.r.t. logprobs_t is scale_t * g_t, where scale_t is the aggregation weight (mask / N for
-    token-mean). Splitting g into a token part and a per-sequence part lets the REINFORCE-style losses keep A out of
-    the [batch, seq] buffers. Losses return fresh tensors that the caller may modify in place.
-    """
-
-    grad_coef: torch.Tensor
-    """Token part of d l_t / d logprobs_t, [batch, seq] (values on padding are ignored)."""
-    row_factor: torch.Tensor | None
-    """[batch, 1] per-sequence part of the derivative, or None for 1."""
-    token_loss: torch.Tensor | None
-    """Per-token loss [batch, seq]; None means the loss is linear in logprobs with a detached coefficient
-    (REINFORCE-style: l_t = g_t * logprobs_t), which saves a pass."""
-    regime_stats: torch.Tensor | None
-    """Precomputed telemetry counts, float64 [2, 6]: rows positive / negative side, columns n(r>1), n(r<1),
-    clipped n(r>1), clipped n(r<1), sum of IS weights over r>1, over r<1 (see telemetry.py). When None, telemetry
-    is computed from the three fields below."""
-    is_weight: torch.Tensor | None
+    token_loss: torch.Tensor
+    """Per-token loss l_t; autograd differentiates it (IS weights the paper stops are detached inside)."""
+    is_weight: torch.Tensor
     """The effective importance-sampling weight per token, detached (regime{k}/is_weight_mean)."""
-    clipped: torch.Tensor | None
+    clipped: torch.Tensor
     """bool, True where the clip bound is active for that token, False on padding (clip_frac)."""
-    regime_log_ratio: torch.Tensor | None
+    regime_log_ratio: torch.Tensor
     """Masked log-ratio whose sign places a token in regime r>1 or r<1 (token-level r for token losses, the
-    sequence / subsentence ratio for gspo / sspo)."""
-    log_ratio_abs_sum: torch.Tensor | None = None
-    """Sum over response tokens of abs(log r) (log_ratio_abs_mean). Required when the loss overwrote
-    `inputs.log_ratio`; when None the caller computes it from the untouched buffer."""
-    grad_coef_masked: bool = False
-    """True when `grad_coef` is already 0 on padding (times the mask), so the caller skips its mask pass."""
+    sequence / subsentence ratio for gspo / sspo), detached."""
 
 
 PolicyLossFn = Callable[[LossInputs, "PolicyLossConfig"], LossTerms]

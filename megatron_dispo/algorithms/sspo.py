@@ -69,7 +69,7 @@ def _segment_index(inputs: LossInputs, segment_len: int) -> tuple[torch.Tensor, 
 
 
 def subsentence_ratio_and_bounds(inputs: LossInputs, config: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per token: the log of its subsentence's geometric-mean ratio (0 on padding) and the log clip bounds.
+    """Per token: the log of its subsentence's geometric-mean ratio (detached, 0 on padding) and the log clip bounds.
 
     log s_k = sum_{t in k} m_t log r_t / sum_{t in k} m_t   (masked tokens excluded).
     """
@@ -78,12 +78,13 @@ def subsentence_ratio_and_bounds(inputs: LossInputs, config: object) -> tuple[to
     dtype = inputs.log_ratio.dtype
     counts = torch.zeros(slots, dtype=dtype, device=mask.device).index_add_(0, index, mask)
     safe_counts = counts.clamp(min=1.0)
-    sums = torch.zeros(slots, dtype=dtype, device=mask.device).index_add_(0, index, inputs.log_ratio.reshape(-1))
+    log_ratio = inputs.log_ratio.detach().reshape(-1)
+    sums = torch.zeros(slots, dtype=dtype, device=mask.device).index_add_(0, index, log_ratio)
     segment_log_ratio = (sums / safe_counts)[index].reshape(inputs.mask.shape) * inputs.mask
     if inputs.entropy is None:
         scale = torch.ones_like(inputs.mask)
     else:
-        if bool((inputs.entropy.detach() < 0).any()):
+        if bool((inputs.entropy < 0).any()):
             raise ValueError("entropy has negative values; pass the per-token entropy of pi_theta (>= 0, in nats).")
         entropy_sums = torch.zeros(slots, dtype=dtype, device=mask.device).index_add_(
             0, index, inputs.entropy.reshape(-1) * mask

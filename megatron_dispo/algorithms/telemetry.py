@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch
 
+from megatron_dispo.algorithms.registry import LossInputs, LossTerms
+
 REGIMES: tuple[int, ...] = (1, 2, 3, 4)
 
 
@@ -58,82 +60,73 @@ METRIC_REDUCTIONS: dict[str, MetricReduction] = _build_reductions()
 METRIC_KEYS: tuple[str, ...] = tuple(METRIC_REDUCTIONS)
 
 
-def sides_matrix(side: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[batch, 2] indicator of the positive / negative side, for a per-sequence `side` [batch, 1]."""
-    return torch.cat([side > 0, side < 0], dim=1).to(dtype)
+@torch.no_grad()
+def loss_metrics(
+    loss: torch.Tensor,
+    terms: LossTerms,
+    inputs: LossInputs,
+    correct: torch.Tensor | None,
+    num_tokens: float,
+) -> dict[str, float]:
+    """The `METRIC_KEYS` of one `compute_policy_loss` call, as plain floats read back in one host sync.
+
+    Args:
+        loss: the aggregated loss. terms, inputs: what the loss function returned and read.
+        correct: bool [batch, 1] or [batch, seq] verifier outcome, or None (then no disagreement is counted).
+        num_tokens: N, the normaliser of every "sum" key (the global token count when one was given).
+    """
+    parts = [
+        loss.detach().reshape(1),
+        inputs.log_ratio.detach().abs().sum().reshape(1),  # padding holds log r = 0
+        sign_correct_disagreement(inputs.advantages, correct, inputs.mask).reshape(1),
+        regime_stats(inputs.side, terms.regime_log_ratio, terms.is_weight, terms.clipped).reshape(-1),
+    ]
+    loss_value, log_ratio_abs_sum, disagree_count, *per_regime = torch.cat([p.double() for p in parts]).tolist()
+    metrics = {
+        "loss": loss_value,
+        "log_ratio_abs_mean": log_ratio_abs_sum / num_tokens,
+        "sign_correct_disagree_frac": disagree_count / num_tokens,
+    }
+    clipped_total = 0.0
+    for k in REGIMES:
+        count, clipped, weight_sum = per_regime[3 * (k - 1) : 3 * k]
+        metrics[f"regime{k}/token_frac"] = count / num_tokens
+        metrics[f"regime{k}/clip_frac"] = clipped / max(count, 1.0)
+        metrics[f"regime{k}/is_weight_mean"] = weight_sum / max(count, 1.0)
+        clipped_total += clipped
+    metrics["clip_frac"] = clipped_total / num_tokens
+    return {key: metrics[key] for key in METRIC_KEYS}
 
 
-def regime_stats_from_tokens(
+def regime_stats(
     side: torch.Tensor, regime_log_ratio: torch.Tensor, is_weight: torch.Tensor, clipped: torch.Tensor
 ) -> torch.Tensor:
-    """Counts per side, [2, 6]: rows positive / negative; columns n(r>1), n(r<1), clipped n(r>1), clipped n(r<1),
-    sum of is_weight over r>1, over r<1 (the `LossTerms.regime_stats` layout). Call under torch.no_grad().
+    """float64 [4, 3]: for regimes 1..4, the token count, the clipped token count and the sum of is_weight.
 
     Args:
         side: int8 [batch, 1] or [batch, seq]; +1 positive pair, -1 negative pair, 0 none.
         regime_log_ratio: [batch, seq], 0 on padding; its sign picks r > 1 vs r < 1.
         is_weight: [batch, seq] effective IS weight. clipped: bool [batch, seq], False on padding.
     """
-    up = regime_log_ratio > 0
-    down = regime_log_ratio < 0
-    if side.shape[1] == 1:  # reduce each row, then split rows by side with one tiny matmul
-        per_row = torch.stack(
-            [
-                torch.count_nonzero(up, dim=1),
-                torch.count_nonzero(down, dim=1),
-                torch.count_nonzero(up & clipped, dim=1),
-                torch.count_nonzero(down & clipped, dim=1),
-            ],
-            dim=1,
-        ).to(torch.float64)
-        weights = torch.stack([(is_weight * up).sum(1), (is_weight * down).sum(1)], dim=1).to(torch.float64)
-        return sides_matrix(side, torch.float64).T @ torch.cat([per_row, weights], dim=1)
+    up, down = regime_log_ratio > 0, regime_log_ratio < 0
+    positive, negative = side > 0, side < 0
     rows = []
-    for side_mask in (side > 0, side < 0):
-        up_side, down_side = up & side_mask, down & side_mask
-        parts = [
-            torch.count_nonzero(up_side),
-            torch.count_nonzero(down_side),
-            torch.count_nonzero(up_side & clipped),
-            torch.count_nonzero(down_side & clipped),
-            (is_weight * up_side).sum(),
-            (is_weight * down_side).sum(),
-        ]
-        rows.append(torch.stack([part.to(torch.float64) for part in parts]))
+    for in_regime in (positive & up, positive & down, negative & up, negative & down):
+        count = torch.count_nonzero(in_regime)
+        clipped_count = torch.count_nonzero(in_regime & clipped)
+        weight_sum = torch.where(in_regime, is_weight, 0.0).sum()
+        rows.append(torch.stack([count.double(), clipped_count.double(), weight_sum.double()]))
     return torch.stack(rows)
 
 
-def telemetry_values(
-    regime_stats: list[float], log_ratio_abs_sum: float, disagree_count: float, num_tokens: float
-) -> list[float]:
-    """All metrics except `loss`, in `METRIC_KEYS[1:]` order, from host floats: after the loss's one host sync, a
-    dozen Python float64 divisions cost less than ~15 tiny tensor ops.
-
-    Args:
-        regime_stats: the 12 values of the [2, 6] `LossTerms.regime_stats`, row-major.
-    """
-    per_regime: list[float] = []
-    clipped_total = 0.0
-    for side in range(2):  # regimes 1..4 = (+, r>1), (+, r<1), (-, r>1), (-, r<1)
-        for direction in range(2):
-            count, clipped, weight = (regime_stats[side * 6 + column * 2 + direction] for column in range(3))
-            safe_count = max(count, 1.0)
-            per_regime += [count / num_tokens, clipped / safe_count, weight / safe_count]
-            clipped_total += clipped
-    head = [clipped_total / num_tokens, log_ratio_abs_sum / num_tokens, disagree_count / num_tokens]
-    return head + per_regime
-
-
 def sign_correct_disagreement(
-    advantages: torch.Tensor, correct: torch.Tensor | None, row_tokens: torch.Tensor, mask: torch.Tensor
+    advantages: torch.Tensor, correct: torch.Tensor | None, mask: torch.Tensor
 ) -> torch.Tensor:
     """Response tokens whose advantage sign contradicts the verifier (A > 0 but wrong, or A < 0 but right)."""
     if correct is None:
-        return torch.zeros((), dtype=torch.float64, device=row_tokens.device)
+        return torch.zeros((), dtype=torch.float64, device=mask.device)
     disagree = ((advantages > 0) & ~correct) | ((advantages < 0) & correct)
-    if disagree.shape[1] == 1:
-        return (disagree[:, 0].to(torch.float64) * row_tokens.to(torch.float64)).sum()
-    return torch.count_nonzero(disagree & (mask > 0)).to(torch.float64)
+    return torch.count_nonzero(disagree & (mask > 0)).double()
 
 
 def pack_metrics(metrics: Mapping[str, float]) -> list[float]:

@@ -1,7 +1,6 @@
 """Input checks for the policy losses: every error names the argument, the rule and the fix.
 
-Checks are cheap (shape/dtype checks are free; finiteness is one reduction per tensor, since a sum is finite only
-when every element is) so they always run.
+Checks are cheap next to the forward that produced the log-probs (a few elementwise passes), so they always run.
 """
 
 from __future__ import annotations
@@ -19,16 +18,11 @@ def require_tensor(name: str, value: object) -> torch.Tensor:
 
 
 def require_finite(items: list[tuple[str, torch.Tensor, str]]) -> None:
-    """ValueError naming the first tensor (of `(name, tensor, hint)` items) with a non-finite element, and where.
-
-    One reduction per tensor and one host sync for all: a sum is finite iff every term is (log-probs and advantages
-    are far from float overflow; a false alarm from overflow is re-checked element-wise below)."""
-    tensors = [tensor.detach() for _, tensor, _ in items if tensor.numel()]
-    if not tensors or bool(torch.isfinite(torch.stack([tensor.sum().float() for tensor in tensors]).sum())):
-        return
+    """ValueError naming the first tensor (of `(name, tensor, hint)` items) with a non-finite element, and where."""
     for name, tensor, hint in items:
-        bad = (~torch.isfinite(tensor.detach())).nonzero()
-        if bad.numel():
+        finite = torch.isfinite(tensor.detach())
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()
             index = tuple(bad[0].tolist())
             value = tensor.detach()[index].item()
             raise ValueError(f"{name} has {bad.shape[0]} non-finite value(s), first at index {index} = {value}; {hint}")
@@ -47,34 +41,20 @@ def broadcast_per_sequence(name: str, tensor: torch.Tensor, batch: int, seq: int
     )
 
 
-def float_mask_unchecked(response_mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The mask as 0.0/1.0 in `dtype` plus, for non-bool masks, the float64 [3] (min, max, sum of squares) that
-    `check_mask_summary` judges with the mask's sum: the caller folds them into its own host sync (and reuses the
-    row sums it needs anyway) instead of paying one here. TypeError for complex masks."""
+def float_mask(response_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as 0.0/1.0 in `dtype`; ValueError unless it holds only 0 and 1 (NaN fails too), TypeError if complex."""
     if response_mask.dtype == torch.bool:
-        return response_mask.to(dtype), None
+        return response_mask.to(dtype)
     if response_mask.dtype.is_complex:
         raise TypeError(f"response_mask has dtype {response_mask.dtype}; use bool or 0/1 integers or floats.")
     as_float = response_mask.to(dtype)
-    # 0/1 everywhere <=> 0 <= m <= 1 and sum(m * m) == sum(m) (m(1 - m) >= 0 sums to 0 only if all terms are 0);
-    # reductions only, no temporary.
-    flat = as_float.reshape(-1)
-    if flat.numel() > 2**24:  # float32 sums of 0/1 are exact only up to 2**24 terms
-        flat = flat.double()
-    if flat.numel() == 0:
-        return as_float, None
-    summary = torch.stack([*torch.aminmax(flat), torch.dot(flat, flat)]).to(torch.float64)
-    return as_float, summary
-
-
-def check_mask_summary(summary: list[float]) -> None:
-    """ValueError unless the (min, max, sum of squares, sum) of a mask show it holds only 0 and 1 (NaN fails too)."""
-    low, high, squares, total = summary
-    if not (low >= 0 and high <= 1 and squares == total):
+    if bool(((as_float != 0) & (as_float != 1)).any()):
+        low, high = (float(v) for v in torch.aminmax(as_float))
         raise ValueError(
             f"response_mask must hold only 0 and 1 (found values in [{low:g}, {high:g}] that are not all 0/1); "
             "it marks response tokens (1 = response token, 0 = prompt/padding). Pass a bool mask or a 0/1 tensor."
         )
+    return as_float
 
 
 def as_global_count(name: str, value: object, local_count: float, unit: str) -> float | None:

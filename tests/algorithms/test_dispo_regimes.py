@@ -8,8 +8,6 @@ import torch
 
 from megatron_dispo.algorithms import PolicyLossConfig, compute_policy_loss, get_preset
 
-pytestmark = pytest.mark.usefixtures("loss_path")  # each test runs fused and eager (conftest.py)
-
 NUM_GPUS = 0
 
 # bounds of the paper default: positive [1 - 0.2, 1 + 10] = [0.8, 11]; negative [1 - 1, 1 + 100] = [0, 101]

@@ -18,8 +18,6 @@ import torch
 
 from megatron_dispo.algorithms import PolicyLossConfig, compute_policy_loss, get_preset
 
-pytestmark = pytest.mark.usefixtures("loss_path")  # each test runs fused and eager (conftest.py)
-
 NUM_GPUS = 0
 
 

@@ -76,12 +76,10 @@ def test_a_registered_loss_is_selectable_by_name() -> None:
     @register_policy_loss(name, aggregation="token_mean")
     def plain_policy_gradient(inputs, config):  # l = -A * logprobs: the on-policy REINFORCE estimator
         from megatron_dispo.algorithms.registry import LossTerms
-        from megatron_dispo.algorithms.telemetry import regime_stats_from_tokens
 
-        weight = torch.ones_like(inputs.log_ratio)
+        weight = torch.ones_like(inputs.logprobs)
         clipped = torch.zeros_like(weight, dtype=torch.bool)
-        stats = regime_stats_from_tokens(inputs.side, inputs.log_ratio, weight, clipped)
-        return LossTerms(weight * -inputs.advantages, None, None, stats, None, None, None)
+        return LossTerms(-inputs.advantages * inputs.logprobs, weight, clipped, inputs.log_ratio.detach())
 
     try:
         from megatron_dispo.algorithms import compute_policy_loss

@@ -9,8 +9,6 @@ import torch
 from megatron_dispo.algorithms import compute_policy_loss, get_preset, preset_names, reduce_metrics
 from megatron_dispo.algorithms.telemetry import pack_metrics, unpack_metrics
 
-pytestmark = pytest.mark.usefixtures("loss_path")  # each test runs fused and eager (conftest.py)
-
 NUM_GPUS = 0
 
 

@@ -9,8 +9,6 @@ import torch
 
 from megatron_dispo.algorithms import PolicyLossConfig, compute_policy_loss, get_preset
 
-pytestmark = pytest.mark.usefixtures("loss_path")  # each test runs fused and eager (conftest.py)
-
 NUM_GPUS = 0
 
 
@@ -124,7 +122,7 @@ def test_config_is_frozen() -> None:
 
 
 def test_backward_through_a_retained_graph_gives_the_same_gradient_again() -> None:
-    """The first backward hands its buffer to autograd; later ones recompute it (retain_graph=True, autograd.grad)."""
+    """Backward through a retained graph (retain_graph=True, autograd.grad) gives the same gradient every time."""
     logprobs = torch.tensor([[-1.0, -0.2], [-0.5, -2.0]], requires_grad=True)
     old = torch.tensor([[-1.5, -0.1], [-0.5, -1.0]])
     loss, _ = compute_policy_loss(
