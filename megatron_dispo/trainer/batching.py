@@ -140,3 +140,9 @@ def build_microbatch(
 def response_token_count(indices: Sequence[int], response_ids: Sequence[Sequence[int]]) -> int:
     """num_global_tokens of a mini-batch: response tokens over all its sequences (every micro-batch, every DP rank)."""
     return sum(len(response_ids[i]) for i in indices)
+
+
+def exclude_dropped(batch: MicroBatch, valid: torch.Tensor) -> None:
+    """Zero the response mask of rows whose sequence was dropped (``valid[index]`` False, from
+    ``reward.on_verifier_failure=drop``): they then weigh nothing in the loss and its telemetry."""
+    batch.response_mask[~valid[list(batch.indices)]] = 0.0

@@ -33,6 +33,7 @@ from megatron_dispo.refit import ProbeBatch, send_weights
 from megatron_dispo.trainer.batching import (
     MicroBatch,
     build_microbatch,
+    exclude_dropped,
     pack_microbatches,
     shard_for_data_parallel,
     split_minibatches,
@@ -215,8 +216,8 @@ class Trainer:
             build_microbatch(chunk, batch.prompts, batch.responses, pad_token_id=self.pad_token_id, **fields)
             for chunk in pack_microbatches(indices, plan.sequence_lengths, budget)
         ]
-        for b in micro:  # samples dropped by the verifier-failure policy get no loss weight
-            b.response_mask[~batch.valid[list(b.indices)]] = 0.0
+        for b in micro:
+            exclude_dropped(b, batch.valid)
         return micro
 
     def _old_logprobs(self, batch: StepBatch, plan: UpdatePlan) -> dict[int, Any]:

@@ -1,0 +1,82 @@
+"""The tensor data path of a step: `StepBatch` packs the kept rollouts, `broadcast_step_batch` delivers them to every
+rank with a few collectives, and samples dropped by the verifier-failure policy lose their loss weight."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from megatron_dispo.trainer.batching import build_microbatch, exclude_dropped
+from megatron_dispo.trainer.step_batch import FINISH_REASONS, StepBatch, broadcast_step_batch
+from tests.models.distributed import run_workers
+
+PROMPTS = [[5, 6, 7], [5, 6, 7], [9], [9]]
+RESPONSES = [[1, 2], [3], [4, 4, 4], []]
+LOGPROBS = [[-0.5, -0.25], [-1.0], [-0.125, -0.375, -0.75], []]  # exact in float32
+
+
+def _batch(valid: list[bool] | None = None) -> StepBatch:
+    return StepBatch.from_sequences(
+        PROMPTS, RESPONSES, LOGPROBS, [True, False, False, True], ["stop", "length", "repetition", "stop"], valid
+    )
+
+
+def test_packed_batch_gives_back_every_sequence() -> None:
+    batch = _batch()
+    assert batch.num_sequences == 4
+    assert batch.tokens.tolist() == [5, 6, 7, 1, 2, 5, 6, 7, 3, 9, 4, 4, 4, 9]
+    assert [p.tolist() for p in batch.prompts] == PROMPTS
+    assert [r.tolist() for r in batch.responses] == RESPONSES
+    assert [lp.tolist() for lp in batch.rollout_logprobs_per_sequence()] == LOGPROBS
+    assert batch.finish_reasons() == ["stop", "length", "repetition", "stop"]
+    assert batch.valid.tolist() == [True] * 4
+    assert batch.prompts[0].data_ptr() == batch.tokens.data_ptr()  # views into the packed tensor, not copies
+
+
+def test_mismatched_lengths_are_named() -> None:
+    with pytest.raises(ValueError, match="sequence 1: 1 response tokens but 2 log-probs"):
+        StepBatch.from_sequences(PROMPTS[:2], RESPONSES[:2], [[-0.5, -0.25], [-1.0, -2.0]], [True, False], ["stop"] * 2)
+    with pytest.raises(ValueError, match="differ in length"):
+        StepBatch.from_sequences(PROMPTS, RESPONSES, LOGPROBS, [True], ["stop"] * 4)
+
+
+def test_dropped_samples_get_no_loss_weight() -> None:
+    batch = _batch(valid=[True, False, True, True])
+    micro = build_microbatch([0, 1, 2], batch.prompts, batch.responses, pad_token_id=0)
+    before = micro.response_mask.clone()
+    exclude_dropped(micro, batch.valid)
+    assert micro.response_mask[1].sum() == 0 and before[1].sum() == 1
+    assert torch.equal(micro.response_mask[[0, 2]], before[[0, 2]])
+
+
+def _broadcast_worker() -> dict[str, Any]:  # pragma: no cover - runs in the workers
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    got = broadcast_step_batch(_batch(valid=[True, True, False, True]) if rank == 0 else None, src=0)
+    empty = StepBatch.from_sequences([], [], [], [], [])
+    got_empty = broadcast_step_batch(empty if rank == 0 else None, src=0)
+    return {
+        "prompts": [p.tolist() for p in got.prompts],
+        "responses": [r.tolist() for r in got.responses],
+        "logprobs": [lp.tolist() for lp in got.rollout_logprobs_per_sequence()],
+        "correct": got.correct.tolist(),
+        "valid": got.valid.tolist(),
+        "finish": got.finish_reasons(),
+        "dtypes": [str(t.dtype) for t in (got.tokens, got.rollout_logprobs, got.correct, got.valid, got.finish_codes)],
+        "empty": got_empty.num_sequences,
+    }
+
+
+def test_broadcast_delivers_the_engine_ranks_batch_to_every_rank() -> None:
+    sender, receiver = run_workers(_broadcast_worker, 2, timeout_s=120)
+    assert receiver == sender
+    assert receiver["prompts"] == PROMPTS and receiver["responses"] == RESPONSES and receiver["logprobs"] == LOGPROBS
+    assert receiver["valid"] == [True, True, False, True] and receiver["correct"] == [True, False, False, True]
+    assert receiver["finish"] == ["stop", "length", "repetition", "stop"]
+    assert receiver["dtypes"] == ["torch.int64", "torch.float32", "torch.bool", "torch.bool", "torch.int8"]
+    assert receiver["empty"] == 0
+    assert FINISH_REASONS == ("stop", "length", "repetition")
