@@ -192,6 +192,7 @@ class Trainer:
             valid=batch.valid if dropped else None,
         )  # fmt: skip
         metrics = reward_metrics(rewards, shaped, batch.correct, lengths, advantages)
+        metrics["rollout/prompt/len_mean"] = float(batch.prompt_lens.float().mean())
         metrics.update(finish_reason_metrics(batch.finish_reasons()))
         return advantages, metrics
 
