@@ -1,22 +1,22 @@
 """Parallel layout of the policy (TP, EP, expert TP, PP, SP, DP) and Megatron-Core's process-group set-up.
 
-The layout is one frozen :class:`ParallelConfig`; :meth:`ParallelConfig.validate` rejects impossible layouts with the
-field names, their values and the fix before any process group exists. :func:`initialize_parallel` is the only place
-that starts ``torch.distributed`` (from the torchrun environment) and Megatron's ``parallel_state``; on a machine
-without CUDA it also installs the CPU compatibility layer (:mod:`megatron_dispo.models.cpu_compat`), so callers never
-need to.
+The layout is one frozen :class:`~megatron_dispo.models.config.ParallelConfig`; its ``validate`` rejects impossible
+layouts with the field names, their values and the fix before any process group exists. :func:`initialize_parallel` is
+the only place that starts ``torch.distributed`` (from the torchrun environment) and Megatron's ``parallel_state``; on
+a machine without CUDA it also installs the CPU compatibility layer (:mod:`megatron_dispo.models.cpu_compat`), so
+callers never need to.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from megatron_dispo.models import cpu_compat
+from megatron_dispo.models.config import ParallelConfig
 
 __all__ = [
     "ParallelConfig",
@@ -30,118 +30,6 @@ __all__ = [
     "shard_of_full",
     "tensor_parallel_coords",
 ]
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How the model is split over ranks. DP is what is left: world_size / (TP * PP) (experts: / (EP * ETP * PP))."""
-
-    tensor_model_parallel_size: int = 1
-    """Tensor parallelism (TP): attention heads, MLP columns/rows and the vocabulary are split over this many ranks."""
-    expert_model_parallel_size: int = 1
-    """Expert parallelism (EP): the MoE experts are distributed over this many ranks."""
-    expert_tensor_parallel_size: int | None = None
-    """Tensor parallelism inside each expert; None -> same as tensor_model_parallel_size (Megatron's default)."""
-    pipeline_model_parallel_size: int = 1
-    """Pipeline parallelism (PP): transformer layers are split into this many consecutive stages."""
-    sequence_parallel: bool = False
-    """Sequence parallelism (SP): activations outside attention/MLP are split along the sequence over TP.
-    Megatron requires it for MoE layers with TP > 1 in training; it has no effect at TP = 1."""
-    use_distributed_optimizer: bool = False
-    """Shard the optimizer state (and fp32 main params) over the data-parallel ranks (ZeRO-1)."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "tensor_model_parallel_size",
-            "expert_model_parallel_size",
-            "pipeline_model_parallel_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1.")
-        etp = self.expert_tensor_parallel_size
-        if etp is not None and (not isinstance(etp, int) or isinstance(etp, bool) or etp < 1):
-            raise ValueError(f"expert_tensor_parallel_size={etp!r} must be None (same as TP) or an integer >= 1.")
-
-    @property
-    def expert_tensor_size(self) -> int:
-        """Effective expert tensor-parallel size (resolves None to the TP size)."""
-        if self.expert_tensor_parallel_size is None:
-            return self.tensor_model_parallel_size
-        return self.expert_tensor_parallel_size
-
-    def data_parallel_size(self, world_size: int) -> int:
-        """Data-parallel size of the dense part: world_size / (TP * PP)."""
-        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
-
-    def validate(
-        self,
-        world_size: int,
-        *,
-        num_attention_heads: int | None = None,
-        num_query_groups: int | None = None,
-        num_experts: int | None = None,
-        num_layers: int | None = None,
-    ) -> None:
-        """Raise ``ValueError`` naming the fields, their values and the fix if this layout cannot run.
-
-        Checks the world size against TP*PP and EP*ETP*PP, heads and KV heads against TP, experts against EP.
-        """
-        tp, pp, ep, etp = (
-            self.tensor_model_parallel_size,
-            self.pipeline_model_parallel_size,
-            self.expert_model_parallel_size,
-            self.expert_tensor_size,
-        )
-        if world_size < 1:
-            raise ValueError(f"world_size={world_size} must be >= 1.")
-        if world_size % (tp * pp) != 0:
-            raise ValueError(
-                f"world_size ({world_size}) must be a multiple of tensor_model_parallel_size ({tp}) x "
-                f"pipeline_model_parallel_size ({pp}) = {tp * pp}; launch a multiple of {tp * pp} ranks or lower TP/PP."
-            )
-        if world_size % (ep * etp * pp) != 0:
-            raise ValueError(
-                f"world_size ({world_size}) must be a multiple of expert_model_parallel_size ({ep}) x "
-                f"expert_tensor_parallel_size ({etp}) x pipeline_model_parallel_size ({pp}) = {ep * etp * pp}; "
-                f"launch a multiple of {ep * etp * pp} ranks or lower EP/expert TP."
-            )
-        if num_attention_heads is not None and num_attention_heads % tp != 0:
-            raise ValueError(
-                f"num_attention_heads ({num_attention_heads}) must be a multiple of tensor_model_parallel_size ({tp}); "
-                f"use a TP size that divides {num_attention_heads}."
-            )
-        if num_query_groups is not None and num_query_groups % tp != 0:
-            raise ValueError(
-                f"num_key_value_heads / num_query_groups ({num_query_groups}) must be a multiple of "
-                f"tensor_model_parallel_size ({tp}) (each TP rank owns whole KV heads); use a TP size that divides "
-                f"{num_query_groups}."
-            )
-        if num_experts is not None and num_experts > 0 and num_experts % ep != 0:
-            raise ValueError(
-                f"num_experts ({num_experts}) must be a multiple of expert_model_parallel_size ({ep}); "
-                f"use an EP size that divides {num_experts}."
-            )
-        if num_experts == 0 and ep > 1:
-            raise ValueError(
-                f"expert_model_parallel_size={ep} needs a MoE model, but the model is dense (num_experts=0); set "
-                "expert_model_parallel_size=1."
-            )
-        if num_experts is not None and num_experts > 0 and tp > 1 and not self.sequence_parallel:
-            raise ValueError(
-                f"a MoE model (num_experts={num_experts}) with tensor_model_parallel_size={tp} needs "
-                "sequence_parallel=True (Megatron's MoE layer requires it in training); set sequence_parallel=True."
-            )
-        if num_layers is not None and num_layers % pp != 0:
-            raise ValueError(
-                f"num_layers ({num_layers}) must be a multiple of pipeline_model_parallel_size ({pp}); "
-                f"use a PP size that divides {num_layers}."
-            )
-        if self.sequence_parallel and tp == 1:
-            raise ValueError(
-                "sequence_parallel=True needs tensor_model_parallel_size > 1 (it splits activations over TP); "
-                "set sequence_parallel=False at TP=1."
-            )
 
 
 def _backend() -> str:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from megatron_dispo.refit.buckets import BucketLayout, NamedTensor, PackedBucket, pack_bucket, unpack_bucket
+from megatron_dispo.refit.config import TransportName
 
 __all__ = [
     "ColocatedTransport",
@@ -38,8 +39,6 @@ __all__ = [
     "resolve_transport",
     "serialize_ipc_bucket",
 ]
-
-TransportName = Literal["auto", "colocated", "cuda_ipc", "nccl"]
 
 
 class TransportUnavailableError(RuntimeError):
