@@ -18,6 +18,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_dispo.hf_checkpoint import checkpoint_shapes
 from megatron_dispo.refit.buckets import iter_buckets
 from megatron_dispo.refit.config import RefitConfig
 from megatron_dispo.refit.fp8 import quantize_named_tensors
@@ -108,18 +109,7 @@ def expected_shapes_from_checkpoint(model_dir: str | Path) -> dict[str, tuple[in
 
     FP8 scale tensors (``*_scale_inv``) are left out: the check runs on the trainer's unquantised names.
     """
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors in {str(model_dir)!r}; pass expected_shapes=... to the Refitter.")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                if not name.endswith("_scale_inv"):
-                    shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes
+    return {name: shape for name, shape in checkpoint_shapes(model_dir).items() if not name.endswith("_scale_inv")}
 
 
 class _GuardedStream:
