@@ -65,7 +65,6 @@ class Trainer:
         hf_config = AutoConfig.from_pretrained(config.model.hf_path)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         config.validate_for_world(world, hf_config=hf_config)
-        _ensure_process_group()
         initialize_parallel(config.model.parallel, seed=config.trainer.seed)
         self.rank = dist.get_rank()
         self.is_rank0 = self.rank == 0
@@ -461,22 +460,6 @@ def _tis_advantages(batch: MicroBatch, rollout_logprobs: Sequence[Sequence[float
         old = batch.old_logprobs[row, positions]
         weights[row, positions] = torch.exp(old - rollout).clamp(max=cap)
     return batch.advantages.unsqueeze(1) * weights
-
-
-def _ensure_process_group() -> None:
-    """Single-process runs get a 1-rank gloo group, so the code path is the same as under torchrun."""
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
 
 
 def _broadcast(obj: Any) -> Any:
