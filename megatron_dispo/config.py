@@ -19,13 +19,11 @@ from megatron_dispo.algorithms.loss_config import PolicyLossConfig
 from megatron_dispo.algorithms.presets import get_preset, preset_names
 from megatron_dispo.algorithms.shaping import OverlongConfig
 from megatron_dispo.config_loader import ConfigError, load_config
-from megatron_dispo.models.optimizer import OptimizerSettings
-from megatron_dispo.models.parallel import ParallelConfig
+from megatron_dispo.models.config import OptimizerSettings, ParallelConfig
 from megatron_dispo.refit.config import RefitConfig
 from megatron_dispo.rewards.config import RewardConfig
 from megatron_dispo.rollout.config import RolloutConfig
-from megatron_dispo.trainer.metrics import LoggingConfig
-from megatron_dispo.trainer.rollout_phase import DynamicSamplingConfig
+from megatron_dispo.trainer.config import DynamicSamplingConfig, LoggingConfig
 
 SourceKind = Literal[
     "synthetic_arithmetic", "gsm8k", "math", "math500", "minerva", "aime24", "aime25", "amc23", "jsonl", "parquet",

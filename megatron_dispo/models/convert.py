@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_dispo.hf_checkpoint import INDEX_FILE, HFCheckpointReader
 from megatron_dispo.models.mapping import (
     ModelDims,
     ResolvedParam,
-    SliceSpec,
     resolve_names,
     table_for,
     unshard_tensors,
@@ -37,7 +36,6 @@ from megatron_dispo.models.mapping import (
 
 __all__ = [
     "TOKENIZER_FILES",
-    "HFCheckpointReader",
     "ShardLayout",
     "export_hf_weights",
     "load_hf_weights",
@@ -166,56 +164,6 @@ def _full_shape(local_shape: torch.Size, tp_split: str, size: int) -> tuple[int,
     elif tp_split == "row":
         shape[1] *= size
     return tuple(shape)
-
-
-class HFCheckpointReader:
-    """Sliced reads from an HF safetensors checkpoint (one file, or shards with ``model.safetensors.index.json``)."""
-
-    def __init__(self, hf_dir: Path) -> None:
-        from safetensors import safe_open
-
-        self.hf_dir = Path(hf_dir)
-        index = self.hf_dir / "model.safetensors.index.json"
-        if index.is_file():  # sharded checkpoint: exactly the files the index names
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            files = sorted({self.hf_dir / file_name for file_name in weight_map.values()})
-        else:
-            files = sorted(self.hf_dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {self.hf_dir}; pass an HF checkpoint directory.")
-        self._stack = ExitStack()
-        self._handles: dict[str, Any] = {}
-        for file in files:
-            handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                if name in self._handles:
-                    raise ValueError(f"tensor {name!r} appears in more than one file of {self.hf_dir}.")
-                self._handles[name] = handle
-
-    def __enter__(self) -> HFCheckpointReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-
-    def names(self) -> set[str]:
-        """All tensor names in the checkpoint."""
-        return set(self._handles)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Full shape of ``name`` without reading it."""
-        return tuple(self._handles[name].get_slice(name).get_shape())
-
-    def read(self, name: str, spec: SliceSpec) -> Tensor:
-        """Only the rows/columns ``spec`` of ``name`` (safetensors reads just that byte range for row slices)."""
-        view = self._handles[name].get_slice(name)
-        if spec.dim is None:
-            return view[:]
-        if spec.dim == 0:
-            return view[spec.start : spec.stop]
-        if spec.dim == 1:
-            return view[:, spec.start : spec.stop]
-        raise ValueError(f"slice dim={spec.dim} of {name} is not supported (0 or 1).")
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, hf_config: Any | None = None) -> None:
@@ -403,7 +351,7 @@ def save_hf_checkpoint(
             "metadata": {"total_size": total_bytes},
             "weight_map": {name: final[i].name for name, i in sorted(weight_map.items())},
         }
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     hf_config.save_pretrained(str(out))
     if copy_files_from is not None:
         for file_name in TOKENIZER_FILES:

@@ -22,7 +22,6 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -78,12 +77,6 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------ launch
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _run_distributed(fn: Any, fn_args: tuple, world_size: int) -> None:
     """Under torchrun: run ``fn`` in this process. Otherwise start ``world_size`` local ranks (one: in-process)."""
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
@@ -92,9 +85,11 @@ def _run_distributed(fn: Any, fn_args: tuple, world_size: int) -> None:
             raise ValueError(f"torchrun started {launched} ranks; the layout needs a multiple of {world_size}.")
         fn(*fn_args)
         return
+    from megatron_dispo.models.parallel import free_port
+
     env = {
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size),
     }

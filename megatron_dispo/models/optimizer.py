@@ -1,60 +1,26 @@
 """Megatron DDP wrapping, the Megatron AdamW optimizer (optionally distributed) and one optimizer step.
 
-Defaults are the paper's (DISPO, arXiv 2602.00983, training set-up): AdamW with lr 1e-6, betas (0.9, 0.95), eps 1e-15,
-weight decay 0.1 (not on norms / 1-D params, Megatron's rule), gradient-norm clipping at 1.0. One step is
-``finalize_model_grads`` (DP all-reduce or reduce-scatter, SP norm and qk-layernorm grads over TP, expert grads over
-expert-DP) followed by the optimizer step, see :func:`finalize_and_step`.
+The hyper-parameters (:class:`~megatron_dispo.models.config.OptimizerSettings`) default to the paper's (DISPO, arXiv
+2602.00983, training set-up): AdamW with lr 1e-6, betas (0.9, 0.95), eps 1e-15, weight decay 0.1 (not on norms / 1-D
+params, Megatron's rule), gradient-norm clipping at 1.0. One step is ``finalize_model_grads`` (DP all-reduce or
+reduce-scatter, SP norm and qk-layernorm grads over TP, expert grads over expert-DP) followed by the optimizer step,
+see :func:`finalize_and_step`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_dispo.models.parallel import ParallelConfig
+from megatron_dispo.models.config import OptimizerSettings, ParallelConfig
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import MegatronOptimizer
 
 __all__ = ["OptimizerSettings", "StepResult", "build_optimizer", "finalize_and_step", "wrap_ddp", "zero_grads"]
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """AdamW hyper-parameters (paper defaults)."""
-
-    lr: float = 1e-6
-    """Learning rate (constant; the paper uses no warm-up or decay)."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.95
-    """AdamW beta2."""
-    adam_eps: float = 1e-15
-    """AdamW epsilon; tiny so that small-gradient coordinates still move at lr 1e-6."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay (AdamW), not applied to norm weights / 1-D params."""
-    clip_grad: float = 1.0
-    """Global gradient-norm clip; 0 disables clipping."""
-    grad_reduce_in_fp32: bool = True
-    """Accumulate and reduce gradients in fp32 even for bf16 params (DDP main_grad buffers)."""
-
-    def __post_init__(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr} must be a positive finite number; the paper uses 1e-6.")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}={value} must be in [0, 1); the paper uses (0.9, 0.95).")
-        if self.adam_eps <= 0:
-            raise ValueError(f"adam_eps={self.adam_eps} must be positive; the paper uses 1e-15.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0; the paper uses 0.1.")
-        if self.clip_grad < 0:
-            raise ValueError(f"clip_grad={self.clip_grad} must be >= 0 (0 disables clipping); the paper uses 1.0.")
 
 
 @dataclass(frozen=True)

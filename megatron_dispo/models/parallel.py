@@ -1,26 +1,30 @@
 """Parallel layout of the policy (TP, EP, expert TP, PP, SP, DP) and Megatron-Core's process-group set-up.
 
-The layout is one frozen :class:`ParallelConfig`; :meth:`ParallelConfig.validate` rejects impossible layouts with the
-field names, their values and the fix before any process group exists. :func:`initialize_parallel` is the only place
-that starts ``torch.distributed`` (from the torchrun environment) and Megatron's ``parallel_state``; on a machine
-without CUDA it also installs the CPU compatibility layer (:mod:`megatron_dispo.models.cpu_compat`), so callers never
-need to.
+The layout is one frozen :class:`~megatron_dispo.models.config.ParallelConfig`; its ``validate`` rejects impossible
+layouts with the field names, their values and the fix before any process group exists. :func:`initialize_parallel` is
+the only place that starts ``torch.distributed`` (from the torchrun environment) and Megatron's ``parallel_state``; on
+a machine without CUDA it also installs the CPU compatibility layer (:mod:`megatron_dispo.models.cpu_compat`), so
+callers never need to.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from megatron_dispo.models import cpu_compat
+from megatron_dispo.models.config import ParallelConfig
+from megatron_dispo.models.mapping import TPSplit, shard_tensor, unshard_tensors
 
 __all__ = [
     "ParallelConfig",
     "destroy_parallel",
+    "ensure_process_group_env",
+    "free_port",
     "gather_full",
     "global_param_name",
     "initialize_parallel",
@@ -32,120 +36,29 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How the model is split over ranks. DP is what is left: world_size / (TP * PP) (experts: / (EP * ETP * PP))."""
-
-    tensor_model_parallel_size: int = 1
-    """Tensor parallelism (TP): attention heads, MLP columns/rows and the vocabulary are split over this many ranks."""
-    expert_model_parallel_size: int = 1
-    """Expert parallelism (EP): the MoE experts are distributed over this many ranks."""
-    expert_tensor_parallel_size: int | None = None
-    """Tensor parallelism inside each expert; None -> same as tensor_model_parallel_size (Megatron's default)."""
-    pipeline_model_parallel_size: int = 1
-    """Pipeline parallelism (PP): transformer layers are split into this many consecutive stages."""
-    sequence_parallel: bool = False
-    """Sequence parallelism (SP): activations outside attention/MLP are split along the sequence over TP.
-    Megatron requires it for MoE layers with TP > 1 in training; it has no effect at TP = 1."""
-    use_distributed_optimizer: bool = False
-    """Shard the optimizer state (and fp32 main params) over the data-parallel ranks (ZeRO-1)."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "tensor_model_parallel_size",
-            "expert_model_parallel_size",
-            "pipeline_model_parallel_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1.")
-        etp = self.expert_tensor_parallel_size
-        if etp is not None and (not isinstance(etp, int) or isinstance(etp, bool) or etp < 1):
-            raise ValueError(f"expert_tensor_parallel_size={etp!r} must be None (same as TP) or an integer >= 1.")
-
-    @property
-    def expert_tensor_size(self) -> int:
-        """Effective expert tensor-parallel size (resolves None to the TP size)."""
-        if self.expert_tensor_parallel_size is None:
-            return self.tensor_model_parallel_size
-        return self.expert_tensor_parallel_size
-
-    def data_parallel_size(self, world_size: int) -> int:
-        """Data-parallel size of the dense part: world_size / (TP * PP)."""
-        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
-
-    def validate(
-        self,
-        world_size: int,
-        *,
-        num_attention_heads: int | None = None,
-        num_query_groups: int | None = None,
-        num_experts: int | None = None,
-        num_layers: int | None = None,
-    ) -> None:
-        """Raise ``ValueError`` naming the fields, their values and the fix if this layout cannot run.
-
-        Checks the world size against TP*PP and EP*ETP*PP, heads and KV heads against TP, experts against EP.
-        """
-        tp, pp, ep, etp = (
-            self.tensor_model_parallel_size,
-            self.pipeline_model_parallel_size,
-            self.expert_model_parallel_size,
-            self.expert_tensor_size,
-        )
-        if world_size < 1:
-            raise ValueError(f"world_size={world_size} must be >= 1.")
-        if world_size % (tp * pp) != 0:
-            raise ValueError(
-                f"world_size ({world_size}) must be a multiple of tensor_model_parallel_size ({tp}) x "
-                f"pipeline_model_parallel_size ({pp}) = {tp * pp}; launch a multiple of {tp * pp} ranks or lower TP/PP."
-            )
-        if world_size % (ep * etp * pp) != 0:
-            raise ValueError(
-                f"world_size ({world_size}) must be a multiple of expert_model_parallel_size ({ep}) x "
-                f"expert_tensor_parallel_size ({etp}) x pipeline_model_parallel_size ({pp}) = {ep * etp * pp}; "
-                f"launch a multiple of {ep * etp * pp} ranks or lower EP/expert TP."
-            )
-        if num_attention_heads is not None and num_attention_heads % tp != 0:
-            raise ValueError(
-                f"num_attention_heads ({num_attention_heads}) must be a multiple of tensor_model_parallel_size ({tp}); "
-                f"use a TP size that divides {num_attention_heads}."
-            )
-        if num_query_groups is not None and num_query_groups % tp != 0:
-            raise ValueError(
-                f"num_key_value_heads / num_query_groups ({num_query_groups}) must be a multiple of "
-                f"tensor_model_parallel_size ({tp}) (each TP rank owns whole KV heads); use a TP size that divides "
-                f"{num_query_groups}."
-            )
-        if num_experts is not None and num_experts > 0 and num_experts % ep != 0:
-            raise ValueError(
-                f"num_experts ({num_experts}) must be a multiple of expert_model_parallel_size ({ep}); "
-                f"use an EP size that divides {num_experts}."
-            )
-        if num_experts == 0 and ep > 1:
-            raise ValueError(
-                f"expert_model_parallel_size={ep} needs a MoE model, but the model is dense (num_experts=0); set "
-                "expert_model_parallel_size=1."
-            )
-        if num_experts is not None and num_experts > 0 and tp > 1 and not self.sequence_parallel:
-            raise ValueError(
-                f"a MoE model (num_experts={num_experts}) with tensor_model_parallel_size={tp} needs "
-                "sequence_parallel=True (Megatron's MoE layer requires it in training); set sequence_parallel=True."
-            )
-        if num_layers is not None and num_layers % pp != 0:
-            raise ValueError(
-                f"num_layers ({num_layers}) must be a multiple of pipeline_model_parallel_size ({pp}); "
-                f"use a PP size that divides {num_layers}."
-            )
-        if self.sequence_parallel and tp == 1:
-            raise ValueError(
-                "sequence_parallel=True needs tensor_model_parallel_size > 1 (it splits activations over TP); "
-                "set sequence_parallel=False at TP=1."
-            )
-
-
 def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a rendezvous nobody else joins)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_process_group_env() -> None:
+    """Give a process started without torchrun the variables torchrun would set, so it takes the same ``env://`` path.
+
+    A lone process becomes rank 0 of a world of 1 on 127.0.0.1 with a free port (a fixed port would collide between
+    two single-process runs on one machine). Variables already set (torchrun, Slurm scripts) are kept.
+    """
+    if dist.is_initialized():
+        return
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
 
 
 def initialize_parallel(config: ParallelConfig, *, seed: int = 1234, timeout_minutes: int = 30) -> None:
@@ -164,10 +77,7 @@ def initialize_parallel(config: ParallelConfig, *, seed: int = 1234, timeout_min
         # which refuses sequence parallelism; only that patch is needed there.
         cpu_compat.activate(disable=tuple(name for name in cpu_compat.PATCH_NAMES if name != "sp_norm"), force=True)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+        ensure_process_group_env()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=_backend(), timeout=timedelta(minutes=timeout_minutes))
@@ -195,16 +105,24 @@ def initialize_parallel(config: ParallelConfig, *, seed: int = 1234, timeout_min
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-    _SEED[0] = seed
-
-
-_SEED: list[int] = [1234]
-"""Seed of the last initialize_parallel() call; build_model() derives the layout-independent weight init from it."""
 
 
 def parallel_seed() -> int:
-    """Seed given to the last :func:`initialize_parallel` call (default 1234)."""
-    return _SEED[0]
+    """Seed given to the last :func:`initialize_parallel`; ``build_model`` draws its layout-independent init from it.
+
+    Read back from Megatron's RNG tracker, which holds the seeded streams, so no copy of run state lives in this
+    module: ``model_parallel_cuda_manual_seed(seed)`` registers ``seed`` itself for the data-parallel stream and
+    ``seed`` plus positive offsets for the tensor- and expert-parallel streams, so the smallest seed is the one given.
+    """
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    seeds = getattr(get_cuda_rng_tracker(), "seeds_", None)
+    if not seeds:
+        raise RuntimeError(
+            "Megatron's RNG tracker holds no seed yet: call initialize_parallel(config, seed=...) first, or pass "
+            "seed=... to build_model()."
+        )
+    return int(min(seeds))
 
 
 def destroy_parallel() -> None:
@@ -276,37 +194,37 @@ def tensor_parallel_coords(name: str) -> tuple[int, int, dist.ProcessGroup | Non
     )
 
 
-def _split_layout(param: torch.Tensor) -> tuple[int, int] | None:
-    """(partition_dim, stride) of a TP-split parameter, None when it is replicated over TP."""
+_SPLIT_OF_LAYOUT: dict[tuple[int, int], TPSplit] = {(0, 1): "column", (1, 1): "row", (0, 2): "gated_column"}
+"""Megatron's (partition_dim, partition_stride) tags -> the mapping table's TP split; stride 2 is a fused GLU weight,
+whose rank shard is [gate_r; up_r]."""
+
+
+def _tp_split(name: str, param: torch.Tensor) -> TPSplit:
+    """How ``param`` is split over TP, read from Megatron's tags on it ("replicated" when it is not split)."""
     if not getattr(param, "tensor_model_parallel", False):
-        return None
-    return int(param.partition_dim), int(getattr(param, "partition_stride", 1))
+        return "replicated"
+    layout = (int(param.partition_dim), int(getattr(param, "partition_stride", 1)))
+    if layout not in _SPLIT_OF_LAYOUT:
+        raise ValueError(f"{name}: TP layout (partition_dim, stride)={layout} is not one of {list(_SPLIT_OF_LAYOUT)}.")
+    return _SPLIT_OF_LAYOUT[layout]
 
 
 def shard_of_full(name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of the full tensor ``full`` for parameter ``name`` (strided for fused GLU weights)."""
-    layout = _split_layout(param)
+    """This rank's slice of the full tensor ``full`` for parameter ``name`` (:func:`~.mapping.shard_tensor`)."""
     rank, size, _ = tensor_parallel_coords(name)
-    if layout is None or size == 1:
-        return full
-    dim, stride = layout
-    chunks = torch.chunk(full, size * stride, dim=dim)
-    return torch.cat(chunks[rank::size], dim=dim)
+    return full if size == 1 else shard_tensor(full, _tp_split(name, param), rank, size)
 
 
 def gather_full(name: str, param: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
     """Full (TP=1) tensor of ``local`` (default: the parameter's data), all-gathered over its TP group.
 
-    Inverse of :func:`shard_of_full`; every rank of the TP group gets the result.
+    Inverse of :func:`shard_of_full` (:func:`~.mapping.unshard_tensors`); every rank of the TP group gets the result.
     """
     local = param.detach() if local is None else local.detach()
-    layout = _split_layout(param)
-    rank, size, group = tensor_parallel_coords(name)
-    del rank
-    if layout is None or size == 1:
+    _, size, group = tensor_parallel_coords(name)
+    split = _tp_split(name, param) if size > 1 else "replicated"
+    if split == "replicated":
         return local.clone()
-    dim, stride = layout
     shards = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(shards, local.contiguous(), group=group)
-    per_rank = [torch.chunk(shard, stride, dim=dim) for shard in shards]
-    return torch.cat([per_rank[r][s] for s in range(stride) for r in range(size)], dim=dim)
+    return unshard_tensors(shards, split)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-from megatron_dispo.refit.transports import TransportName
+__all__ = ["RefitConfig", "TransportName"]
 
-__all__ = ["RefitConfig"]
-
-_TRANSPORTS: tuple[str, ...] = ("auto", "colocated", "cuda_ipc", "nccl")
+TransportName = Literal["auto", "colocated", "cuda_ipc", "nccl"]
+"""How the weights reach the engine (see :mod:`.transports`); kept here so the config imports no transport code."""
+_TRANSPORTS: tuple[str, ...] = get_args(TransportName)
 
 
 @dataclass(frozen=True)

