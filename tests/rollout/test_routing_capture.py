@@ -67,7 +67,8 @@ def test_captured_experts_are_the_routers_top_k_for_every_token(capture_engine, 
     assert batch.num_responses == len(PROMPTS) * N and batch.routed_experts is not None
     recorded, unrecorded = _check_against_hf(batch, tiny_checkpoints["moe"])
     assert unrecorded == 0  # first sight of these prompts: every prompt position was computed
-    assert recorded == sum(len(batch.prompt_ids[g]) + len(r) - 1 for g, r in zip(batch.group_index, batch.response_ids))
+    pairs = zip(batch.group_index, batch.response_ids, strict=True)
+    assert recorded == sum(len(batch.prompt_ids[group]) + len(response) - 1 for group, response in pairs)
     # the router's choice varies over tokens, so agreement with HF is not trivially satisfied
     assert len({tuple(row.flatten().tolist()) for routed in batch.routed_experts for row in routed}) > 4
 
