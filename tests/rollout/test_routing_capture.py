@@ -96,3 +96,16 @@ def test_capture_is_off_by_default_and_refused_for_dense(capture_engine, tiny_ch
     batch = capture_engine.generate(PROMPTS[:1], n=1, max_new_tokens=4)
     with pytest.raises(ValueError, match="routed_experts"):  # the batch checks the row count per response
         dataclasses.replace(batch, routed_experts=[batch.routed_experts[0][:-1]])
+
+
+def test_capture_survives_the_cpu_moe_engine_rebuild(capture_engine, tiny_checkpoints) -> None:
+    """On CPU a MoE weight update rebuilds vLLM; the capture hooks must be bound to the new engine's routers."""
+    from safetensors.torch import load_file
+
+    new = load_file(tiny_checkpoints["moe_seed1"] / "model.safetensors")
+    assert capture_engine.update_weights(new.items())["refit/rebuilt_engine"] == 1.0
+    try:
+        batch = capture_engine.generate(PROMPTS, n=N, max_new_tokens=8)
+        assert _check_against_hf(batch, tiny_checkpoints["moe_seed1"])[1] == 0
+    finally:
+        capture_engine.update_weights(load_file(tiny_checkpoints["moe"] / "model.safetensors").items())
