@@ -15,7 +15,7 @@ import torch
 
 from tests.models.distributed import run_workers
 
-pytestmark = [pytest.mark.vllm, pytest.mark.mcore]
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
 NUM_GPUS = 0
 NUM_PROMPTS, N, NEW_TOKENS = 8, 4, 32
 
