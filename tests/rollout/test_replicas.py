@@ -1,0 +1,98 @@
+"""Engine replicas (``rollout/placement.py``, ``rollout/replicas.py``).
+
+Pure: the rank -> replica layout and the deal of prompt groups to replicas, against hand-written expectations.
+Multi-rank (spawned gloo worlds, each under a timeout): 2 TP=1 replicas draw exactly what one engine draws (same
+tokens, same log-probs), including an uneven deal and a replica with nothing to do; one TP=2 replica generates with
+both ranks agreeing and takes a full-HF-tensor weight update on both ranks; a replica whose engine raises, or whose
+process dies, turns into an error on every surviving rank within the timeout. Not covered here: two TP=2 replicas
+in one world (4 processes; see docs/rollout.md), GPU engines.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from megatron_dispo.rollout.config import RolloutConfig
+from megatron_dispo.rollout.placement import ReplicaPlacement, deal_groups, place_replicas
+
+
+# ---------------------------------------------------------------------------------------------------------- placement
+@pytest.mark.parametrize(
+    ("world", "tp", "per_node", "expected"),
+    [
+        pytest.param(2, 1, 2, [(0, (0,)), (1, (1,))], id="tp1_every_rank_a_replica"),
+        pytest.param(4, 2, 4, [(0, (0, 1)), (0, (0, 1)), (1, (2, 3)), (1, (2, 3))], id="tp2_consecutive_pairs"),
+        pytest.param(8, 4, 4, [(0, (0, 1, 2, 3))] * 4 + [(1, (4, 5, 6, 7))] * 4, id="tp4_one_replica_per_node"),
+        pytest.param(4, 2, 2, [(0, (0, 1)), (0, (0, 1)), (1, (2, 3)), (1, (2, 3))], id="tp2_two_nodes_of_two"),
+    ],
+)
+def test_place_replicas_layout(world: int, tp: int, per_node: int, expected: list[tuple[int, tuple[int, ...]]]):
+    placements = [place_replicas(rank, world, tp, per_node) for rank in range(world)]
+    assert [(p.replica_index, p.ranks) for p in placements] == expected
+    assert all(p.num_replicas == world // tp for p in placements)
+    assert [p.is_leader for p in placements] == [rank % tp == 0 for rank in range(world)]
+    assert [p.local_rank for p in placements] == [rank % tp for rank in range(world)]
+    assert placements[-1].leaders == tuple(range(0, world, tp))
+
+
+@pytest.mark.parametrize(
+    ("rank", "world", "tp", "per_node", "message"),
+    [
+        pytest.param(0, 4, 2, 3, "divide world_size=4", id="node_size_not_dividing_world"),
+        pytest.param(0, 6, 4, 6, "tensor_parallel_size=4 must divide the ranks per node (6)", id="across_nodes"),
+        pytest.param(0, 4, 0, 4, "tensor_parallel_size=0 must be >= 1", id="tp_zero"),
+        pytest.param(4, 4, 1, 4, "rank=4 must be in [0, world_size=4)", id="rank_outside_world"),
+    ],
+)
+def test_place_replicas_rejects_bad_layouts(rank: int, world: int, tp: int, per_node: int, message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        place_replicas(rank, world, tp, per_node)
+
+
+def test_replica_config_checks_name_field_value_and_fix():
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=0 must be an int >= 1"):
+        RolloutConfig(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match=r"expert_parallel=True .* set tensor_parallel_size > 1"):
+        RolloutConfig(expert_parallel=True)
+    with pytest.raises(ValueError, match=r"replica_timeout_s=0 must be positive"):
+        RolloutConfig(replica_timeout_s=0)
+    assert RolloutConfig(tensor_parallel_size=2, expert_parallel=True).expert_parallel
+
+
+# ---------------------------------------------------------------------------------------------------------- dealing
+@pytest.mark.parametrize(
+    ("costs", "replicas", "expected"),
+    [
+        # LPT by hand: 9 -> r0, 7 -> r1, 6 -> r1 (7 < 9), 5 -> r0 (9 < 13), 3 -> r1 (13 < 14)
+        pytest.param([5, 9, 3, 7, 6], 2, [[0, 1], [2, 3, 4]], id="uneven_5_groups_2_replicas"),
+        pytest.param([4, 4, 4, 4], 2, [[0, 2], [1, 3]], id="equal_costs_alternate"),
+        pytest.param([10], 3, [[0], [], []], id="fewer_groups_than_replicas"),
+        pytest.param([], 2, [[], []], id="nothing_to_deal"),
+        pytest.param([1, 1, 1, 10], 2, [[3], [0, 1, 2]], id="one_long_group_alone"),
+    ],
+)
+def test_deal_groups_longest_first_greedy(costs: list[int], replicas: int, expected: list[list[int]]):
+    assert deal_groups(costs, replicas) == expected
+
+
+def test_deal_groups_covers_every_group_once_and_balances():
+    costs = [(17 * g) % 23 + 1 for g in range(41)]
+    shares = deal_groups(costs, 4)
+    assert sorted(g for share in shares for g in share) == list(range(41))
+    loads = [sum(costs[g] for g in share) for share in shares]
+    assert max(loads) - min(loads) <= max(costs)  # greedy never leaves a gap larger than one group
+
+
+def test_deal_groups_rejects_bad_input():
+    with pytest.raises(ValueError, match="num_replicas=0"):
+        deal_groups([1], 0)
+    with pytest.raises(ValueError, match=r"costs\[1\]=-1"):
+        deal_groups([1, -1], 2)
+
+
+def test_placement_is_hashable_value():
+    placement = place_replicas(3, 4, 2, 4)
+    assert placement == ReplicaPlacement(rank=3, replica_index=1, num_replicas=2, ranks=(2, 3))
+    assert not placement.is_leader and placement.local_rank == 1 and placement.tensor_parallel_size == 2
