@@ -11,6 +11,7 @@ in one world (4 processes; see docs/rollout.md), GPU engines.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,109 @@ def test_placement_is_hashable_value():
     placement = place_replicas(3, 4, 2, 4)
     assert placement == ReplicaPlacement(rank=3, replica_index=1, num_replicas=2, ranks=(2, 3))
     assert not placement.is_leader and placement.local_rank == 1 and placement.tensor_parallel_size == 2
+
+
+# ---------------------------------------------------------------------------------------------------------- multi-rank
+# Each launch is a spawned gloo world (tests/models/distributed.py); one launch checks several things because each
+# costs 10-30 s on 2 cores. Workers return plain lists so results pickle back to the parent.
+WORKER_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # several engines share the cores: no pinning
+    "VLLM_LOGGING_LEVEL": "ERROR",
+}
+PROMPTS_5 = [[3, 4, 5], [6, 7, 8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18], [19, 20, 21, 22, 23, 24, 25, 26, 27]]
+PROMPT_1 = [[30, 31, 32, 33]]
+SEQUENCES = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16], [17, 18, 19, 20]]
+PROMPT_LENS = [2, 1, 3, 1]
+
+
+def _summary(batch) -> dict:  # RolloutBatch -> picklable, comparable parts
+    return {
+        "ids": batch.response_ids,
+        "logprobs": batch.response_logprobs,
+        "finish": batch.finish_reason,
+        "groups": batch.group_index,
+        "texts": batch.texts,
+        "stats": batch.stats,
+    }
+
+
+def _config(**overrides):
+    fields = {"max_new_tokens": 12, "max_model_len": 128, "kv_cache_gib": 0.0625, "seed": 0, "replica_timeout_s": 60}
+    return RolloutConfig(**(fields | overrides))
+
+
+def _calls(engine) -> dict:
+    """The calls both the replicated engine and the single reference engine make, in the same order."""
+    return {
+        "uneven": _summary(engine.generate(PROMPTS_5, 2, seed=7)),  # 5 groups over 2 replicas
+        "unseeded": _summary(engine.generate(PROMPTS_5, 2)),  # seeds from the call index
+        "empty_replica": _summary(engine.generate(PROMPT_1, 3, seed=3, temperature=0.7)),  # replica 1 gets nothing
+        "score": [values.tolist() for values in engine.score(SEQUENCES, prompt_lens=PROMPT_LENS)],
+    }
+
+
+def _two_replicas_main(model_dir: str) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from megatron_dispo.rollout.engine import RolloutEngine
+    from megatron_dispo.rollout.replicas import ReplicaError, ReplicatedEngine
+
+    dist.init_process_group("gloo")
+    engine = ReplicatedEngine(model_dir, _config())
+    out: dict = {"replica": engine.placement.replica_index, "module": __import__("megatron_dispo").__file__}
+    if engine.is_driver:
+        out["replicated"] = _calls(engine)
+        engine.release()
+    else:
+        out["served"] = engine.serve()
+    if not engine.is_driver:  # a replica whose engine fails: every rank must raise, naming it and the phase
+        engine.local_engine.shutdown()
+    try:
+        if engine.is_driver:
+            engine.generate(PROMPTS_5, 2, seed=7)
+        else:
+            engine.serve()
+    except ReplicaError as error:
+        out["error"] = str(error)
+    engine.shutdown()
+    world = torch.tensor([1.0])
+    dist.all_reduce(world)  # the trainer's world survives the replicas
+    out["world"] = float(world)
+    if engine.is_driver:  # the reference: one engine, the same calls
+        with RolloutEngine(model_dir, _config()) as single:
+            out["single"] = _calls(single)
+    return out
+
+
+@pytest.mark.vllm
+def test_two_tp1_replicas_draw_what_one_engine_draws(tiny_checkpoints):
+    from tests.models.distributed import run_workers
+
+    driver, server = run_workers(
+        _two_replicas_main, 2, timeout_s=240, args=(str(tiny_checkpoints["dense"]),), env=WORKER_ENV
+    )
+    assert driver["module"].startswith(str(Path(__file__).resolve().parents[2]))  # this checkout, not another
+    assert (driver["replica"], server["replica"], server["served"]) == (0, 1, 4)
+    replicated, single = driver["replicated"], driver["single"]
+    for call in ("uneven", "unseeded", "empty_replica"):
+        for key in ("ids", "logprobs", "finish", "groups", "texts"):
+            assert replicated[call][key] == single[call][key], (call, key)
+    assert replicated["unseeded"]["ids"] != replicated["uneven"]["ids"]  # fresh samples without a seed
+    assert replicated["score"] == single["score"]
+    for call in ("uneven", "unseeded", "empty_replica"):
+        stats = replicated[call]["stats"]
+        assert stats["rollout/replicas"] == 2.0
+        assert stats["rollout/replica0/tokens"] + stats["rollout/replica1/tokens"] == stats["rollout/tokens"]
+        assert stats["rollout/tokens"] == single[call]["stats"]["rollout/tokens"]
+        assert stats["rollout/replica_imbalance"] >= 1.0
+    # deal of the 5 groups (cost 2 * (len + 12)): 9-token group -> r0, 7 -> r1, 4 -> r1, 3 -> r0, 2 -> r1
+    uneven = replicated["uneven"]["stats"]
+    lengths = [len(ids) for ids in replicated["uneven"]["ids"]]
+    assert uneven["rollout/replica0/tokens"] == sum(lengths[0:2] + lengths[8:10])
+    empty = replicated["empty_replica"]["stats"]
+    assert empty["rollout/replica1/tokens"] == 0.0 and empty["rollout/replica0/tokens"] > 0
+    expected = "replica 1 (rank 1) failed during generate: RuntimeError: the RolloutEngine was shut down"
+    assert expected in driver["error"] and expected in server["error"]
+    assert driver["world"] == server["world"] == 2.0
