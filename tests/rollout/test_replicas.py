@@ -203,3 +203,119 @@ def test_two_tp1_replicas_draw_what_one_engine_draws(tiny_checkpoints):
     expected = "replica 1 (rank 1) failed during generate: RuntimeError: the RolloutEngine was shut down"
     assert expected in driver["error"] and expected in server["error"]
     assert driver["world"] == server["world"] == 2.0
+
+
+def _tp2_replica_main(model_dir: str, update_dir: str) -> dict:
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from megatron_dispo.rollout.replicas import ReplicatedEngine
+
+    dist.init_process_group("gloo")
+    engine = ReplicatedEngine(model_dir, _config(tensor_parallel_size=2))
+    out: dict = {"replicas": engine.num_replicas, "leader": engine.placement.is_leader}
+    if engine.is_driver:
+        out["batch"] = _summary(engine.generate(PROMPTS_5, 2, seed=7))
+        out["score"] = [values.tolist() for values in engine.score(SEQUENCES)]
+        engine.release()
+    else:
+        out["served"] = engine.serve()
+    # external_launcher: both ranks of the replica call their engine alike and must get the same outputs
+    out["local"] = _summary(engine.local_engine.generate(PROMPTS_5, 2, seed=7))
+    # refit of a TP=2 replica: both ranks get the full HF tensors; vLLM's loader keeps each rank's slice
+    out["refit"] = engine.local_engine.update_weights(load_file(f"{update_dir}/model.safetensors").items())
+    out["score_after"] = [values.tolist() for values in engine.local_engine.score(SEQUENCES)]
+    engine.shutdown()
+    world = torch.tensor([1.0])
+    dist.all_reduce(world)  # the trainer's world survives the replica's own vLLM world
+    out["world"] = float(world)
+    return out
+
+
+@pytest.mark.vllm
+def test_tp2_replica_generates_agrees_and_reloads_weights(tiny_checkpoints, hf_logprobs):
+    import torch
+
+    from tests.models.distributed import run_workers
+
+    paths = (str(tiny_checkpoints["dense"]), str(tiny_checkpoints["dense_seed1"]))
+    driver, peer = run_workers(_tp2_replica_main, 2, timeout_s=240, args=paths, env=WORKER_ENV)
+    assert (driver["replicas"], driver["leader"], peer["leader"], peer["served"]) == (1, True, False, 2)
+    for key in ("ids", "logprobs", "finish"):
+        assert driver["local"][key] == peer["local"][key], key
+        assert driver["batch"][key] == driver["local"][key], key
+    assert driver["batch"]["stats"]["rollout/replicas"] == 1.0
+    for sequence, before, after in zip(SEQUENCES, driver["score"], driver["score_after"], strict=True):
+        torch.testing.assert_close(torch.tensor(before), hf_logprobs(paths[0], sequence), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(after), hf_logprobs(paths[1], sequence), atol=1e-4, rtol=0)
+    assert driver["score_after"] == peer["score_after"]
+    assert driver["refit"]["refit/tensors"] > 0 and driver["world"] == peer["world"] == 2.0
+
+
+STALL_TIMEOUT_S = 10
+
+
+def _failed_replica_main(model_dir: str, how: str) -> dict:
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from megatron_dispo.rollout.replicas import ReplicaError, ReplicatedEngine
+
+    dist.init_process_group("gloo")
+    engine = ReplicatedEngine(model_dir, _config(replica_timeout_s=STALL_TIMEOUT_S))
+    if not engine.is_driver:
+        if how == "stalls":
+            time.sleep(600)  # alive but never serving (the parent kills it once the driver has answered)
+        os._exit(3)  # the replica's process dies instead of serving
+    started = time.monotonic()
+    errors = []
+    for _ in range(2):
+        try:
+            engine.generate(PROMPTS_5, 2, seed=7)
+        except ReplicaError as error:
+            errors.append(str(error))
+    seconds = time.monotonic() - started
+    engine.shutdown()  # a broken replicated engine still shuts its own engine down
+    return {"seconds": seconds, "errors": errors}
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("how", ["dies", "stalls"])
+def test_failed_replica_is_an_error_within_the_timeout(tiny_checkpoints, how: str):
+    import multiprocessing as mp
+    import pickle
+
+    from tests.models.distributed import _worker_main, free_port
+
+    # run_workers stops at the first dead rank; here the failure is the point, so the world is spawned by hand
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    env = WORKER_ENV | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+                        "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    args = (str(tiny_checkpoints["dense"]), how)
+    procs = [ctx.Process(target=_worker_main, args=(_failed_replica_main, r, env, args, results)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        rank, ok, value = results.get(timeout=180)
+    finally:
+        for proc in procs[::-1]:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+    assert (rank, ok) == (0, True), value
+    out = pickle.loads(value)
+    first, second = out["errors"]
+    assert first.startswith("rank 0 (replica 0): request (header) failed: a peer rank died or did not answer "
+                            "within rollout.replica_timeout_s=10"), first  # fmt: skip
+    if how == "dies":
+        assert procs[1].exitcode == 3
+        assert out["seconds"] < STALL_TIMEOUT_S, out  # a closed connection is seen at once
+    else:  # gloo's send waits for the receiver: the request itself times out
+        assert "Timed out" in first
+        assert STALL_TIMEOUT_S - 1 < out["seconds"] < STALL_TIMEOUT_S + 30, out
+    assert second.startswith("the replicated engine is unusable after an earlier failure: rank 0 (replica 0)")
