@@ -7,5 +7,15 @@ itself is imported only when an engine starts.
 from megatron_dispo.rollout.batch import FinishReason, RolloutBatch
 from megatron_dispo.rollout.config import RolloutConfig
 from megatron_dispo.rollout.engine import RolloutEngine
+from megatron_dispo.rollout.placement import ReplicaPlacement
+from megatron_dispo.rollout.replicas import ReplicaError, ReplicatedEngine
 
-__all__ = ["FinishReason", "RolloutBatch", "RolloutConfig", "RolloutEngine"]
+__all__ = [
+    "FinishReason",
+    "ReplicaError",
+    "ReplicaPlacement",
+    "ReplicatedEngine",
+    "RolloutBatch",
+    "RolloutConfig",
+    "RolloutEngine",
+]
