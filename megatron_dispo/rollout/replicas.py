@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 DRIVER_RANK = 0
 """The global rank that issues requests and receives results (the trainer's rank 0)."""
 
+STARTUP_TIMEOUT = timedelta(minutes=30)
+"""Bound on the start-up exchange (torch's default for gloo): every rank waits for the slowest vLLM start."""
+
 _OP_RELEASE, _OP_GENERATE, _OP_SCORE = 0, 1, 2
 _HEADER_SIZE = 6  # op, number of sequences, n, driver's call index, sum of sequence lengths, has prompt_lens
 _FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "repetition")
@@ -200,9 +203,17 @@ class ReplicatedEngine:
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         per_node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         self.placement = place_replicas(rank, world_size, config.tensor_parallel_size, per_node)
-        self._timeout = timedelta(seconds=config.replica_timeout_s)
-        self._group: Any = dist.new_group(backend="gloo", timeout=self._timeout) if world_size > 1 else None
         self._broken: str | None = None
+        # Engine start-up takes as long as the slowest rank's vLLM start (import, load, warm-up) and runs once, so its
+        # exchange uses a gloo group with torch's default timeout; requests use the serving group, bounded by
+        # replica_timeout_s. Both are made now, before vLLM creates groups of its own.
+        serving: Any = None
+        if world_size > 1:
+            serving = dist.new_group(backend="gloo", timeout=timedelta(seconds=config.replica_timeout_s))
+            self._group: Any = dist.new_group(backend="gloo", timeout=STARTUP_TIMEOUT)
+            self._bound = f"the start-up bound of {STARTUP_TIMEOUT.total_seconds():g} s"
+        else:
+            self._group, self._bound = None, "this process (no peers)"
         if config.tensor_parallel_size > 1:
             ports = self._all_gather(torch.tensor([_free_port()], dtype=torch.int64), "start-up (port exchange)")
             leader_port = int(ports[self.placement.ranks[0]])
@@ -218,9 +229,15 @@ class ReplicatedEngine:
         except ReplicaError:
             if engine is not None:
                 engine.shutdown()
+            for group in (self._group, serving):
+                if group is not None:
+                    dist.destroy_process_group(group)
             raise
         assert engine is not None  # a failed start raised above
         self._local_engine: RolloutEngine | None = engine
+        if serving is not None:
+            dist.destroy_process_group(self._group)
+            self._group, self._bound = serving, f"rollout.replica_timeout_s={config.replica_timeout_s:g}"
         logger.info(
             "rollout replica %d/%d up on ranks %s (engine TP %d)",
             self.placement.replica_index,
@@ -461,8 +478,8 @@ class ReplicatedEngine:
             return call()
         except Exception as error:
             self._broken = (
-                f"{self._where()}: {phase} failed: a peer rank died or did not answer within rollout."
-                f"replica_timeout_s={self.config.replica_timeout_s:g}: {type(error).__name__}: {error}"
+                f"{self._where()}: {phase} failed: a peer rank died or did not answer within {self._bound}: "
+                f"{type(error).__name__}: {error}"
             )
             raise ReplicaError(self._broken) from error
 

@@ -292,7 +292,7 @@ def test_two_tp2_replicas_on_one_host(tiny_checkpoints, hf_logprobs):
         torch.testing.assert_close(torch.tensor(values), hf_logprobs(path, sequence, start=start), atol=1e-4, rtol=0)
 
 
-STALL_TIMEOUT_S = 10
+STALL_TIMEOUT_S = 6
 
 
 def _failed_replica_main(model_dir: str, how: str) -> dict:
@@ -350,7 +350,7 @@ def test_failed_replica_is_an_error_within_the_timeout(tiny_checkpoints, how: st
     out = pickle.loads(value)
     first, second = out["errors"]
     assert first.startswith("rank 0 (replica 0): request (header) failed: a peer rank died or did not answer "
-                            "within rollout.replica_timeout_s=10"), first  # fmt: skip
+                            "within rollout.replica_timeout_s=6"), first  # fmt: skip
     if how == "dies":
         assert procs[1].exitcode == 3
         assert out["seconds"] < STALL_TIMEOUT_S, out  # a closed connection is seen at once
