@@ -146,6 +146,7 @@ class RolloutCollector:
         tokens = sum(s.get("rollout/tokens", 0.0) for s in costs.engine_stats)
         seconds = sum(s.get("rollout/seconds", 0.0) for s in costs.engine_stats)
         metrics["perf/rollout/tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        metrics.update(_replica_metrics(costs.engine_stats))
         metrics["perf/time/reward_s"] = costs.reward_seconds
         metrics["rollout/skipped_long_prompts"] = float(self.skipped_long_prompts)
         metrics.update(outcome_fractions(costs.outcomes))
@@ -202,3 +203,19 @@ class RolloutCollector:
             self.mixture.load_state_dict(state["mixture"])
         self.sampler.load_state_dict(state["sampler"])
         self.skipped_long_prompts = int(state.get("skipped_long_prompts", 0))
+
+
+def _replica_metrics(engine_stats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per-replica tokens and seconds summed over the step's sampling rounds, and the step's load imbalance
+    (slowest / mean replica seconds): ``rollout/replicas``, ``rollout/replica{i}/{tokens,seconds}``."""
+    out: dict[str, float] = {}
+    for stats in engine_stats:
+        for key, value in stats.items():
+            if key.startswith("rollout/replica") and key.endswith(("/tokens", "/seconds")):
+                out[key] = out.get(key, 0.0) + value
+            elif key == "rollout/replicas":
+                out[key] = value
+    seconds = [v for k, v in out.items() if k.endswith("/seconds")]
+    if seconds and sum(seconds) > 0:
+        out["rollout/replica_imbalance"] = max(seconds) / (sum(seconds) / len(seconds))
+    return out

@@ -3,11 +3,13 @@
     rollout (engine rank)  -> StepBatch on every rank (tensors, a few broadcasts)
     rewards -> advantages  -> pi_old log-probs -> K optimizer updates -> refit into the engine (+ probe check)
 
-One process per rank (``torchrun``); every rank holds a Megatron shard of the policy. The rollout engine is colocated
-on global rank 0, which hosts the :class:`RolloutCollector` (data, engine sampling, verification) and the
-:class:`Refitter`. On GPU the engine sleeps from the end of rollout until the refit, and wakes in the order that never
-holds two copies of anything: weights, then the refit into them, then the KV cache. The trainer holds no maths of its
-own: losses, advantages, filters and shaping come from ``algorithms/``, the model from ``models/``.
+One process per rank (``torchrun``); every rank holds a Megatron shard of the policy and its share of a vLLM engine
+replica (``rollout.tensor_parallel_size`` consecutive ranks per replica). Global rank 0 hosts the
+:class:`RolloutCollector` (data, dynamic sampling, verification) and drives every replica; every rank refits its own
+engine and checks it with the probe. On GPU the engines sleep from the end of rollout until the refit, and wake in
+the order that never holds two copies of anything: weights, then the refit into them, then the KV cache. The trainer
+holds no maths of its own: losses, advantages, filters and shaping come from ``algorithms/``, the model from
+``models/``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from megatron_dispo.algorithms.advantages import group_relative_advantages
 from megatron_dispo.algorithms.shaping import apply_overlong_penalty
 from megatron_dispo.config import Config
 from megatron_dispo.config_loader import to_dict
-from megatron_dispo.refit import ProbeBatch, send_weights
+from megatron_dispo.refit import ProbeBatch, RefitCheckError, RefitMismatchError, RefitStats, send_weights
 from megatron_dispo.trainer.batching import (
     MicroBatch,
     build_microbatch,
@@ -105,22 +107,23 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.run_dir, keep_last=config.trainer.keep_last, rank=self.rank, barrier=dist.barrier
         )
-        self.engine: Any = None
+        from megatron_dispo.refit import Refitter
+        from megatron_dispo.rollout.replicas import ReplicatedEngine
+
+        # one engine replica on every group of rollout.tensor_parallel_size ranks; rank 0 drives them all
+        self.engine = ReplicatedEngine(config.model.hf_path, config.rollout)
         self.collector: Any = None
-        self.refitter: Any = None
         self.logger: MetricsLogger | None = None
         probe: ProbeBatch | None = None
         if self.is_engine_rank:
-            from megatron_dispo.refit import Refitter
-            from megatron_dispo.rollout.engine import RolloutEngine
             from megatron_dispo.trainer.collector import RolloutCollector
 
-            self.engine = RolloutEngine(config.model.hf_path, config.rollout)
             self.collector = RolloutCollector(config, self.engine, self.tokenizer)
             sequences, prompt_lens = self.collector.probe_sequences()
             probe = ProbeBatch(tuple(sequences), tuple(prompt_lens))
-            self.refitter = Refitter(self.engine, config.refit, probe=probe)
         self.probe: ProbeBatch = _broadcast_object(probe)  # once, at start-up: every rank scores it at checks
+        # every rank refits its own engine from the full HF tensors (vLLM slices them per engine rank)
+        self.refitter = Refitter(self.engine.local_engine, config.refit, probe=self.probe)
         self.refit_count = 0
         self.start_step = 1
         if config.trainer.resume:
@@ -167,14 +170,17 @@ class Trainer:
         return metrics
 
     def _rollout(self, step: int) -> tuple[StepBatch, dict[str, float]]:
-        """The engine rank samples and verifies this step's groups; every rank receives them as tensors."""
+        """The engine rank samples and verifies this step's groups with every replica; every rank receives them."""
         local: StepBatch | None = None
         metrics: dict[str, float] = {}
+        self.engine.wake_up()
         if self.is_engine_rank:
-            self._engine_wake(None)
             granularity = self.config.trainer.num_minibatches * self.policy.dp_size
             groups, metrics = self.collector.collect(step, granularity=granularity)
+            self.engine.release()
             local = self.collector.to_step_batch(groups, step)
+        else:
+            self.engine.serve()  # generate this replica's share of every request until rank 0 releases
         batch = broadcast_step_batch(local, src=ENGINE_RANK)
         metrics["rollout/dynamic_sampling/empty_batch"] = float(batch.num_sequences == 0)
         return batch, metrics
@@ -281,21 +287,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ engine memory and refit
     def _engine_sleep(self) -> None:
-        if self.engine is not None:
-            self.engine.sleep()
+        self.engine.sleep()
 
     def _engine_wake(self, tags: Sequence[str] | None) -> None:
-        if self.engine is not None:
-            self.engine.wake_up(tags)
+        self.engine.wake_up(tags)
 
     def _refit(self) -> dict[str, float]:
+        """Every replica receives the full HF tensors and checks itself; a failing replica is named on every rank."""
         self.refit_count += 1
         check_due = self.config.refit.check_due(self.refit_count)
         probe_logprobs = self._probe_logprobs() if check_due else None
-        stats = send_weights(self.policy.export_weights("rank0"), self.refitter, trainer_logprobs=probe_logprobs)
-        if stats is None:
-            return {}
-        return {f"refit/{k.split('/', 1)[-1]}": v for k, v in stats.metrics().items()}
+        stream = self.policy.export_weights("all")
+        stats, failure = None, ""
+        try:
+            stats = send_weights(stream, self.refitter, trainer_logprobs=probe_logprobs)
+        except (RefitCheckError, RefitMismatchError) as error:
+            failure = f"{type(error).__name__}: {error}"
+        return self._replica_refit_metrics(stats, failure)
+
+    def _replica_refit_metrics(self, stats: RefitStats | None, failure: str) -> dict[str, float]:
+        """Gathers every rank's refit time, bytes and outcome; raises on every rank if any replica failed."""
+        placement = self.engine.placement
+        mine = torch.tensor(
+            [float(bool(failure)), stats.seconds if stats else 0.0, float(stats.payload_bytes if stats else 0)],
+            dtype=torch.float64,
+        )
+        rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, mine)
+        failed = [rank for rank, row in enumerate(rows) if row[0] > 0]
+        if failed:
+            detail = f": {failure}" if failure else f" (see rank {failed[0]}'s log for the details)"
+            raise RefitCheckError(
+                f"refit #{self.refit_count} failed on the engine replica(s) of rank(s) {failed} (this rank "
+                f"{self.rank}, replica {placement.replica_index}){detail}"
+            )
+        assert stats is not None
+        metrics = {f"refit/{k.split('/', 1)[-1]}": v for k, v in stats.metrics().items()}
+        for rank, row in enumerate(rows):
+            if rank % placement.tensor_parallel_size == 0:  # one row per replica: its leader's
+                replica = rank // placement.tensor_parallel_size
+                metrics[f"refit/replica{replica}/time_s"] = float(row[1])
+                metrics[f"refit/replica{replica}/bytes"] = float(row[2])
+        return metrics
 
     def _probe_logprobs(self) -> list[torch.Tensor]:
         """The trainer's log-probs of the probe answers (temperature 1, as the engine scores), on every rank."""
@@ -308,7 +341,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval (engine rank)
     def evaluate(self) -> dict[str, float]:
-        return self.collector.evaluate() if self.collector is not None else {}
+        """Held-out accuracy, generated by every replica (rank 0 drives, the others serve)."""
+        self.engine.wake_up()
+        if not self.is_engine_rank:
+            self.engine.serve()
+            return {}
+        metrics = self.collector.evaluate()
+        self.engine.release()
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int) -> None:
@@ -411,8 +451,7 @@ class Trainer:
 
         if self.logger is not None:
             self.logger.close()
-        if self.engine is not None:
-            self.engine.shutdown()
+        self.engine.shutdown()
         destroy_parallel()
 
 
