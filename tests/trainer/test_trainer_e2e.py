@@ -2,7 +2,8 @@
 
 - a 1-process run completes with finite metrics and its updates really change the policy;
 - resume: steps after a resume equal the uninterrupted run's (fixed seeds, CPU);
-- TP=2 and DP=2 under torchrun: the first step's metrics equal the 1-process run's (same numbers, other layout);
+- TP=2 with one TP=2 engine replica, and DP=2 with two engine replicas, under torchrun: the first step's metrics equal
+  the 1-process run's (same numbers, other layout);
 - a run killed with SIGKILL in the middle of a checkpoint save resumes from the last complete checkpoint.
 """
 
@@ -30,7 +31,8 @@ def _by_step(run_dir):
 
 
 def _compared(record):
-    return {k: v for k, v in record.items() if k.startswith(COMPARED)}
+    """The run's numbers, without wall-clock ones (per-replica seconds and their imbalance) or the replica count."""
+    return {k: v for k, v in record.items() if k.startswith(COMPARED) and not k.startswith("rollout/replica")}
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +104,26 @@ def test_resume_continues_exactly(full_run, warm_tiny_model, tmp_path):
             assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), f"step {step}: {key}"
 
 
-@pytest.mark.parametrize("tensor_parallel", [2, 1], ids=["tp2", "dp2"])
-def test_two_rank_layouts_match_single_process(full_run, warm_tiny_model, tmp_path, tensor_parallel):
-    """TP=2 splits every matrix; DP=2 splits the mini-batch (DDP must SUM grads under global-token normalisation:
-    averaging would halve train/grad_norm)."""
-    run_train(f"model.hf_path={warm_tiny_model}", f"trainer.run_dir={tmp_path}", "trainer.max_steps=1",
-              f"model.parallel.tensor_model_parallel_size={tensor_parallel}", *FAST, nproc=2, timeout=400)  # fmt: skip
+@pytest.mark.parametrize(
+    ("layout", "replicas"),
+    [
+        (["model.parallel.tensor_model_parallel_size=2", "rollout.tensor_parallel_size=2"], 1),
+        ([], 2),
+    ],
+    ids=["tp2_engine_tp2", "dp2_two_replicas"],
+)
+def test_two_rank_layouts_match_single_process(full_run, warm_tiny_model, tmp_path, layout, replicas):
+    """Megatron TP=2 with one engine replica of TP=2 (vLLM external_launcher), and DP=2 with two TP=1 engine replicas
+    (each rank samples its share of the groups; DDP must SUM grads under global-token normalisation: averaging would
+    halve train/grad_norm). Per-request seeds keep the samples independent of the placement."""
+    run_train(f"model.hf_path={warm_tiny_model}", f"trainer.run_dir={tmp_path}", "trainer.max_steps=1", *layout, *FAST,
+              nproc=2, timeout=400)  # fmt: skip
     two, full = _by_step(tmp_path), _by_step(full_run)
     assert sorted(two) == [0, 1]
     assert two[0]["eval/heldout/accuracy"] == full[0]["eval/heldout/accuracy"]
+    assert two[1]["rollout/replicas"] == replicas and full[1]["rollout/replicas"] == 1
+    assert [f"refit/replica{i}/time_s" in two[1] for i in range(replicas)] == [True] * replicas
+    assert two[1]["refit/probe/max_abs_delta_logprob"] < 1e-3  # every replica passed the probe (or the run raised)
     # step 1 samples from identical initial weights with identical seeds: same batch, so the same update metrics
     assert full[1]["rollout/dynamic_sampling/empty_batch"] == 0
     for key, value in _compared(full[1]).items():
