@@ -27,10 +27,9 @@ from megatron_dispo.config import Config
 from megatron_dispo.config_loader import to_dict
 from megatron_dispo.data.problem import Problem
 from megatron_dispo.data.templates import encode_prompt
+from megatron_dispo.models.microbatch import MicroBatch, build_microbatch
 from megatron_dispo.rewards import verify_batch
 from megatron_dispo.trainer.batching import (
-    MicroBatch,
-    build_microbatch,
     pack_microbatches,
     response_token_count,
     shard_for_data_parallel,
