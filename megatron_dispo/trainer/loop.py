@@ -81,8 +81,8 @@ class Trainer:
         self.share_prompts = config.trainer.share_prompt_prefix and self.policy.supports_prompt_sharing
         if config.trainer.share_prompt_prefix and not self.share_prompts and self.rank == 0:
             self.console.print(
-                "[yellow]trainer.share_prompt_prefix: this model's attention (Transformer Engine, or sequence/context "
-                "parallel) does not take the shared-prompt KV cache; pi_old runs full padded forwards"
+                "[yellow]trainer.share_prompt_prefix: this model's attention (Transformer Engine, or sequence/context/"
+                "pipeline parallel) does not take the shared-prompt KV cache; pi_old runs full padded forwards"
             )
         self.group_size = config.algorithm.group_size
         self.loss_config = config.algorithm.loss
