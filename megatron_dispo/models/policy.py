@@ -136,13 +136,19 @@ class MegatronPolicy:
         def forward_step(data_iterator: Iterator[tuple[int, MicroBatch]], model: torch.nn.Module) -> tuple:
             index, batch = next(data_iterator)
             output = model_forward_logits(model, batch.input_ids)
-            if aux_loss_scale is not None and not last_stage:
-                output = _SetAuxLossScale.apply(output, aux_loss_scale)
+            aux_scale = None
+            if aux_loss_scale is not None:
+                # In per-token-loss mode Megatron's router multiplies its loss by the tokens it saw on this rank
+                # (expecting grads divided by the global token count later); dividing that back out keeps the
+                # weight layout-independent (those tokens halve under SP at TP=2).
+                aux_scale = aux_loss_scale * self._sp_multiple / batch.input_ids.numel()
+            if aux_scale is not None and not last_stage:
+                output = _SetAuxLossScale.apply(output, aux_scale)
 
             def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
                 loss = last_stage_loss(index, batch, logits)
-                if aux_loss_scale is not None:
-                    loss = _SetAuxLossScale.apply(loss, aux_loss_scale)
+                if aux_scale is not None:
+                    loss = _SetAuxLossScale.apply(loss, aux_scale)
                 return loss, batch.response_mask.sum().to(torch.int), {}
 
             return output, loss_func

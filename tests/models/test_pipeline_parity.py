@@ -100,14 +100,15 @@ def _check_against(results: list[dict[str, Any]], baseline: dict[str, Any]) -> N
     # the first update is on-policy (r = 1 exactly); it moved the model, so the second sees r != 1 and log-probs changed
     assert baseline["on_policy"]["log_ratio_abs_mean"] == 0.0
     assert baseline["off_policy"]["log_ratio_abs_mean"] > 1e-3
-    assert max(abs(a - b) for i in baseline["old"] for a, b in zip(baseline["old"][i], baseline["after"][i])) > 1e-3
+    moved = [abs(a - b) for i in baseline["old"] for a, b in zip(baseline["old"][i], baseline["after"][i], strict=True)]
+    assert max(moved) > 1e-3
     want = baseline["to_rank0"]
     names = [name for name, _ in want]
     assert len(names) == len(set(names))
     for result in results:
-        got = result["to_rank0"] if result["rank"] == 0 else None
+        got = result["to_rank0"]
         if result["rank"] != 0:
-            assert result["to_rank0"] == []  # only rank 0 receives
+            assert got == []  # only rank 0 receives
             continue
         assert [name for name, _ in got] == names  # same tensors, each once, in the same (layer) order
         for (name, tensor), (_, reference) in zip(got, want, strict=True):
