@@ -356,6 +356,7 @@ def export_hf_weights(
     num_local = _num_local_experts(model, layout)
     receives = to_all or dist.get_rank() == 0
     own = resolve_model_params(model, hf_config, layout)
+    device = next(unwrap_model(model).parameters()).device  # receive buffers live where the collectives run
     stages = _stage_manifests(own, layout)
     for stage, manifest in enumerate(stages):
         local = own if stage == layout.pp_rank else [(entry, None) for entry in _resolve_manifest(manifest, hf_config)]
@@ -364,7 +365,7 @@ def export_hf_weights(
             if param is not None and (to_all or _sends_to_rank0(entry, layout)):
                 items = _gather_items(entry, param, layout, to_all, num_local)
             if layout.pp_size > 1:
-                items = _from_stage(items, stage, entry, shape, dtype, layout, to_all, num_local)
+                items = _from_stage(items, stage, entry, (shape, dtype, device), layout, to_all, num_local)
             if items is None or not receives:
                 continue
             for expert, tensor in items:
@@ -445,8 +446,7 @@ def _from_stage(
     items: list[tuple[int | None, Tensor]] | None,
     stage: int,
     entry: ResolvedParam,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
+    buffer: tuple[tuple[int, ...], torch.dtype, torch.device],
     layout: ShardLayout,
     to_all: bool,
     num_local: int,
@@ -456,12 +456,13 @@ def _from_stage(
     ``"all"``: a broadcast over the pipeline group (every rank of ``stage`` holds them after the all-gathers).
     ``"rank0"``: point-to-point from rank 0's pipeline peer on ``stage`` (same TP/DP/EP coordinates) to rank 0."""
     count = layout.ep_size if entry.mapping.is_expert else 1
+    shape, dtype, device = buffer
     if to_all:
         if layout.pp_rank == stage:
             assert items is not None and len(items) == count
             stacked = torch.stack([tensor for _, tensor in items]).contiguous()
         else:
-            stacked = torch.empty((count, *shape), dtype=dtype)
+            stacked = torch.empty((count, *shape), dtype=dtype, device=device)
         dist.broadcast(stacked, src=dist.get_global_rank(layout.pp_group, stage), group=layout.pp_group)
         if layout.pp_rank == stage:
             return items
@@ -474,7 +475,7 @@ def _from_stage(
         return None
     if dist.get_rank() != 0:
         return None
-    stacked = torch.empty((count, *shape), dtype=dtype)
+    stacked = torch.empty((count, *shape), dtype=dtype, device=device)
     dist.recv(stacked, src=dist.get_global_rank(layout.pp_group, stage))
     return list(zip(_expert_ids(entry, count, num_local), stacked.unbind(0), strict=True))
 

@@ -62,6 +62,7 @@ def _worker(hf_dir: str, layout: dict[str, Any]) -> dict[str, Any]:
     after = policy.response_logprobs(micro(None))
     return {
         "rank": rank,
+        "prompt_sharing": policy.supports_prompt_sharing,
         "old": old,
         "captured": captured,
         "on_policy": on_policy,
@@ -125,6 +126,7 @@ def test_pipeline_parallel_matches_pp1(tiny_checkpoints: dict[str, Path], baseli
         _worker, 2, timeout_s=240, args=(str(tiny_checkpoints["dense"]), {"pipeline_model_parallel_size": 2})
     )
     _check_against(results, baseline)
+    assert baseline["prompt_sharing"] and not any(r["prompt_sharing"] for r in results)  # PP: full forward for pi_old
 
 
 @pytest.mark.timeout(300)
