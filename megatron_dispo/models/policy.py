@@ -1,7 +1,10 @@
 """The trainable policy: a Megatron-Core GPT shard with DDP and optimizer, seen as token log-probs.
 
-The trainer never touches Megatron directly. It hands this class padded micro-batches (``trainer.batching``) and a
-loss config, and gets back log-probs, entropies, metrics and a stream of HF-named weights for the rollout engine.
+The trainer never touches Megatron directly. It hands this class padded micro-batches (``models/microbatch.py``) and a
+loss config, and gets back log-probs, metrics and a stream of HF-named weights for the rollout engine. Every forward
+and backward goes through Megatron's pipeline schedules (PP = 1 included); the loss and the log-probs run on the last
+stage and their results are broadcast over the pipeline group, so every rank returns the same values. The policy owns
+device placement (inputs moved to the model's device, results returned on the CPU) and the sequence-parallel padding.
 
 Gradient normalisation across data-parallel ranks: every micro-batch loss is already divided by the mini-batch's
 global token count (``num_global_tokens``), so the correct gradient is the plain SUM over micro-batches and DP ranks.
