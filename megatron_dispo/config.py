@@ -231,16 +231,23 @@ class Config:
         return OverlongConfig(max_length=max_length, cache_length=max(1, max_length // 5))
 
     def validate_for_world(self, world_size: int, *, hf_config: object | None = None) -> None:
-        """Checks that need the number of processes: the parallel layout and the batch split over DP ranks."""
+        """Checks that need the number of processes or the model: parallel layout, checkpoint, batch split over DP.
+
+        Raises ConfigError (one line naming the fields and the fix; the CLI prints it as ``config error: ...``).
+        ``hf_config`` (see :meth:`load_hf_config`) adds the checks against the model: heads, KV heads and experts
+        against TP/EP, layers against PP.
+        """
         parallel = self.model.parallel
-        kwargs = {}
-        if hf_config is not None:
-            kwargs = {
-                "num_attention_heads": getattr(hf_config, "num_attention_heads", None),
-                "num_query_groups": getattr(hf_config, "num_key_value_heads", None),
-                "num_experts": getattr(hf_config, "num_experts", None),
-            }
-        parallel.validate(world_size, **kwargs)
+        try:
+            parallel.validate(
+                world_size,
+                num_attention_heads=getattr(hf_config, "num_attention_heads", None),
+                num_query_groups=getattr(hf_config, "num_key_value_heads", None),
+                num_experts=getattr(hf_config, "num_experts", None),
+                num_layers=getattr(hf_config, "num_hidden_layers", None),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"model.parallel (world size {world_size}): {exc}") from exc
         model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
         dp_size = world_size // model_parallel
         per_minibatch = self.trainer.prompts_per_step // self.trainer.num_minibatches
@@ -250,6 +257,27 @@ class Config:
                 f"which does not split over {dp_size} data-parallel ranks (world {world_size} / TP x PP "
                 f"{model_parallel}); make it a multiple of {dp_size}."
             )
+
+    def load_hf_config(self) -> object:
+        """The HF config of ``model.hf_path``; ConfigError when the folder or its config.json is missing or broken."""
+        return _read_hf_config(self.model.hf_path)
+
+
+def _read_hf_config(hf_path: str) -> object:
+    from transformers import AutoConfig
+
+    folder = Path(hf_path)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"model.hf_path={hf_path!r} does not exist; point it at an HF checkpoint folder (config.json + "
+            "safetensors + tokenizer), e.g. the output of `megatron-dispo demo` or a downloaded model."
+        )
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.hf_path={hf_path!r} has no config.json; point it at an HF checkpoint folder.")
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.hf_path={hf_path!r}: its config.json cannot be read ({exc}).") from exc
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

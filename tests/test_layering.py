@@ -48,13 +48,7 @@ LOWER: dict[str, frozenset[str]] = {
 CONFIG_SOURCES = frozenset({"models", "rollout", "refit", "trainer", "data", "rewards", "eval"})
 """Components whose ``<component>.config`` module config.py may import."""
 
-KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset(
-    {
-        # MicroBatch is moving from trainer/batching.py to models/microbatch.py in a parallel change (issue 18);
-        # this entry is removed when that move lands.
-        ("megatron_dispo/models/policy.py", "megatron_dispo.trainer.batching"),
-    }
-)
+KNOWN_VIOLATIONS: frozenset[tuple[str, str]] = frozenset()
 """(file, imported module) edges that break the rules and are being fixed elsewhere; a stale entry fails the test."""
 
 

@@ -176,6 +176,9 @@ def transformer_config_from_hf(
         # numerics / kernels: the portable path (fusions need CUDA kernels or Apex/TE)
         "params_dtype": params_dtype,
         "pipeline_dtype": params_dtype,
+        # micro-batches differ in [batch, seq]: pipeline stages exchange each activation's shape before it
+        "variable_seq_lengths": pp > 1,
+        "moe_token_dispatcher_type": "alltoall",  # Megatron refuses its default (allgather) with variable lengths
         "bf16": params_dtype == torch.bfloat16,
         "fp16": params_dtype == torch.float16,
         "bias_activation_fusion": False,
@@ -204,7 +207,6 @@ def transformer_config_from_hf(
             "moe_router_pre_softmax": not bool(getattr(hf_config, "norm_topk_prob", False)),
             "moe_router_load_balancing_type": "aux_loss",
             "moe_aux_loss_coeff": float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),
-            "moe_token_dispatcher_type": "alltoall",
             "moe_grouped_gemm": False,
             "moe_permute_fusion": False,
             "moe_router_dtype": "fp32",
@@ -309,16 +311,13 @@ def model_forward_logits(
 ) -> torch.Tensor:
     """Vocab-parallel logits [b, s, V/TP] of ``input_ids`` [b, s] (causal; right padding needs no mask).
 
-    ``model`` is a ``GPTModel`` or a Megatron DDP wrapper around one. Needs PP=1 (pipelined forward goes through
-    Megatron's schedules in the trainer). With sequence parallelism, s must be a multiple of the TP size.
+    ``model`` is a ``GPTModel`` or a Megatron DDP wrapper around one. With PP > 1 call it only as the forward step
+    of Megatron's pipeline schedule (``MegatronPolicy`` does): a stage other than the first reads its input from the
+    previous stage (``set_input_tensor``), and a stage other than the last returns its hidden states [s, b, h]
+    instead of logits. With sequence parallelism, s must be a multiple of the TP size.
     """
     from megatron.core import parallel_state
 
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        raise ValueError(
-            "model_forward_logits runs the whole model on one rank, but pipeline_model_parallel_size > 1; use "
-            "Megatron's pipeline schedules (get_forward_backward_func) for PP > 1."
-        )
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}.")
     batch, seq = input_ids.shape

@@ -75,6 +75,10 @@ _MEGATRON_MODULES: tuple[str, ...] = (
     "megatron.core.dist_checkpointing.strategies.torch",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.serialization",
+    # pipeline schedules: device="cuda" token counters (patch 3); p2p buffers on torch.cuda.current_device() (patch 1)
+    # and torch.cuda.synchronize() after the shape exchange (patch 5)
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
 )
 
 _CPU = torch.device("cpu")

@@ -1,7 +1,10 @@
 """The trainable policy: a Megatron-Core GPT shard with DDP and optimizer, seen as token log-probs.
 
-The trainer never touches Megatron directly. It hands this class padded micro-batches (``trainer.batching``) and a
-loss config, and gets back log-probs, entropies, metrics and a stream of HF-named weights for the rollout engine.
+The trainer never touches Megatron directly. It hands this class padded micro-batches (``models/microbatch.py``) and a
+loss config, and gets back log-probs, metrics and a stream of HF-named weights for the rollout engine. Every forward
+and backward goes through Megatron's pipeline schedules (PP = 1 included); the loss and the log-probs run on the last
+stage and their results are broadcast over the pipeline group, so every rank returns the same values. The policy owns
+device placement (inputs moved to the model's device, results returned on the CPU) and the sequence-parallel padding.
 
 Gradient normalisation across data-parallel ranks: every micro-batch loss is already divided by the mini-batch's
 global token count (``num_global_tokens``), so the correct gradient is the plain SUM over micro-batches and DP ranks.
@@ -11,23 +14,24 @@ Megatron DDP averages over DP by default; building the model with ``calculate_pe
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from megatron_dispo.algorithms.loss_config import PolicyLossConfig
 from megatron_dispo.algorithms.losses import compute_policy_loss
-from megatron_dispo.algorithms.telemetry import pack_metrics, unpack_metrics
+from megatron_dispo.algorithms.telemetry import METRIC_KEYS, pack_metrics, unpack_metrics
 from megatron_dispo.models.builder import build_model, model_forward_logits
 from megatron_dispo.models.convert import export_hf_weights, load_hf_weights
 from megatron_dispo.models.logprobs import vocab_parallel_logprobs_entropy
+from megatron_dispo.models.microbatch import MicroBatch
 from megatron_dispo.models.optimizer import OptimizerSettings, build_optimizer, finalize_and_step, wrap_ddp, zero_grads
 from megatron_dispo.models.parallel import ParallelConfig
 from megatron_dispo.models.prefix_sharing import shared_prefix_logits
 from megatron_dispo.models.prefix_sharing import supported as prefix_sharing_supported
-from megatron_dispo.trainer.batching import MicroBatch
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -63,35 +67,146 @@ class MegatronPolicy:
             if parallel_state.get_tensor_model_parallel_world_size() > 1
             else None
         )
+        pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self._pp_group = parallel_state.get_pipeline_model_parallel_group() if pp_size > 1 else None
+        self._pp_last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+        # sequence parallelism splits the sequence over TP: micro-batches are padded to a multiple of TP here
+        self._sp_multiple = parallel.tensor_model_parallel_size if self.model.config.sequence_parallel else 1
+        self.device = next(self.model.parameters()).device
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.is_moe = bool(getattr(self.hf_config, "num_experts", 0))
 
     # ------------------------------------------------------------------ forward
-    def token_logprobs(
-        self, batch: MicroBatch, *, with_entropy: bool, temperature: float | None = None
+    def _device_batch(self, batch: MicroBatch) -> MicroBatch:
+        """The micro-batch on the model's device, input_ids right-padded to a multiple of TP under sequence
+        parallelism (Megatron splits the sequence over TP ranks; causal attention keeps the real positions exact)."""
+        input_ids = batch.input_ids
+        width = input_ids.shape[1]
+        if self._sp_multiple > 1 and width % self._sp_multiple:
+            padded = -(-width // self._sp_multiple) * self._sp_multiple
+            input_ids = torch.nn.functional.pad(input_ids, (0, padded - width), value=batch.pad_token_id)
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(self.device, non_blocking=True)
+
+        return dataclasses.replace(
+            batch,
+            input_ids=move(input_ids),
+            response_mask=move(batch.response_mask),
+            old_logprobs=move(batch.old_logprobs),
+            advantages=move(batch.advantages),
+        )
+
+    def _token_logprobs(
+        self, batch: MicroBatch, logits: torch.Tensor, *, with_entropy: bool, temperature: float | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Target-aligned [n, T-1] log pi(token) (and entropy) under softmax(logits / T), T = rollout temperature."""
-        logits = model_forward_logits(self.model, batch.input_ids)
+        """Target-aligned [n, T-1] log pi(token) (and entropy) under softmax(logits / T), T = rollout temperature;
+        ``batch`` is the device batch (input_ids maybe SP-padded), ``logits`` the last stage's [n, T', V/TP]."""
+        width = batch.response_mask.shape[1] + 1  # the unpadded T
         return vocab_parallel_logprobs_entropy(
-            logits[:, :-1],
-            batch.input_ids[:, 1:],
+            logits[:, : width - 1],
+            batch.input_ids[:, 1:width],
             tp_group=self._tp_group,
             temperature=self.temperature if temperature is None else temperature,
             vocab_size=self.hf_config.vocab_size,
             compute_entropy=with_entropy,
         )
 
+    def _run_schedule(
+        self,
+        batches: Sequence[MicroBatch],
+        last_stage_loss: Callable[[int, MicroBatch, torch.Tensor], torch.Tensor],
+        *,
+        forward_only: bool,
+        aux_loss_scale: float | None = None,
+    ) -> None:
+        """Forward (and backward) over ``batches`` through Megatron's pipeline schedule (PP = 1 included).
+
+        ``last_stage_loss(i, device_batch, logits)`` runs on the last pipeline stage only, inside the schedule's
+        loss function, and returns micro-batch i's loss (already normalised by the global token count; the
+        schedule adds no scaling because the model has ``calculate_per_token_loss``); it keeps whatever else it
+        needs itself. ``aux_loss_scale``: the MoE load-balancing loss weight of each micro-batch (see
+        :class:`_SetAuxLossScale`).
+        """
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        device_batches = [self._device_batch(batch) for batch in batches]
+        last_stage = parallel_state.is_pipeline_last_stage()
+
+        def forward_step(data_iterator: Iterator[tuple[int, MicroBatch]], model: torch.nn.Module) -> tuple:
+            index, batch = next(data_iterator)
+            output = model_forward_logits(model, batch.input_ids)
+            aux_scale = None
+            if aux_loss_scale is not None:
+                # In per-token-loss mode Megatron's router multiplies its loss by the tokens it saw on this rank
+                # (expecting grads divided by the global token count later); dividing that back out keeps the
+                # weight layout-independent (those tokens halve under SP at TP=2).
+                aux_scale = aux_loss_scale * self._sp_multiple / batch.input_ids.numel()
+            if aux_scale is not None and not last_stage:
+                output = _SetAuxLossScale.apply(output, aux_scale)
+
+            def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                loss = last_stage_loss(index, batch, logits)
+                if aux_scale is not None:
+                    loss = _SetAuxLossScale.apply(loss, aux_scale)
+                return loss, batch.response_mask.sum().to(torch.int), {}
+
+            return output, loss_func
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(enumerate(device_batches)),
+            model=self.model,
+            num_microbatches=len(device_batches),
+            seq_length=max(batch.input_ids.shape[1] for batch in device_batches),
+            micro_batch_size=max(batch.input_ids.shape[0] for batch in device_batches),
+            forward_only=forward_only,
+        )
+
+    def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as the last pipeline stage holds it, on every stage (same shape everywhere; no-op at PP=1)."""
+        if self._pp_group is None:
+            return tensor
+        tensor = tensor.to(self.device).contiguous()
+        torch.distributed.broadcast(tensor, src=self._pp_last_rank, group=self._pp_group)
+        return tensor
+
+    def _logprobs_of_all_stages(
+        self, batches: Sequence[MicroBatch], values: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        """Per-micro-batch [n, T-1] tensors the last stage computed, on every stage (one broadcast), as CPU tensors.
+
+        ``values[i]`` None stands for zeros (nothing computed: a stage before the last, or a skipped micro-batch)."""
+        shapes = [tuple(batch.response_mask.shape) for batch in batches]
+        sizes = [n * t for n, t in shapes]
+        pieces = [
+            torch.zeros(size, dtype=torch.float32, device=self.device) if value is None else value.detach().reshape(-1)
+            for value, size in zip(values, sizes, strict=True)
+        ]
+        flat = self._from_last_stage(torch.cat(pieces).float()).cpu()
+        return [chunk.reshape(shape) for chunk, shape in zip(flat.split(sizes), shapes, strict=True)]
+
     @torch.no_grad()
     def response_logprobs(
         self, batches: Sequence[MicroBatch], *, temperature: float | None = None
     ) -> dict[int, list[float]]:
-        """pi_old of every response token: {sequence index: per-token log-probs}, one forward per micro-batch."""
+        """pi_old of every response token: {sequence index: per-token log-probs}, one forward per micro-batch
+        (forward-only pipeline schedule); every pipeline stage returns the same values."""
+        if not batches:
+            return {}
         self.model.eval()
+        values: list[torch.Tensor | None] = [None] * len(batches)
+
+        def store(index: int, batch: MicroBatch, logits: torch.Tensor) -> torch.Tensor:
+            values[index], _ = self._token_logprobs(batch, logits, with_entropy=False, temperature=temperature)
+            return torch.zeros((), device=logits.device)
+
+        self._run_schedule(batches, store, forward_only=True)
         out: dict[int, list[float]] = {}
-        for batch in batches:
-            logprobs, _ = self.token_logprobs(batch, with_entropy=False, temperature=temperature)
+        for batch, logprobs in zip(batches, self._logprobs_of_all_stages(batches, values), strict=True):
             out.update(response_values(batch, logprobs))
         return out
 
@@ -157,46 +272,59 @@ class MegatronPolicy:
         pi_old, so its own detached log-probs serve as pi_old (r = 1 exactly) and the separate no-grad pi_old forward
         for that mini-batch is saved. They are stored per sequence in ``captured_old_logprobs`` when given.
         """
-        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
         self.model.train()
         zero_grads([self.model], self.optimizer)
-        if self.is_moe:
-            # the router's load-balancing loss is a per-micro-batch mean: weight it so the step sees its average
-            MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / max(len(batches) * self.dp_size, 1)))
-        packed_total: torch.Tensor | None = None
-        entropy_sum = torch.zeros((), dtype=torch.float64)
-        for i, batch in enumerate(batches):
-            logprobs, entropy = self.token_logprobs(batch, with_entropy=True)
+        if not batches:
+            raise ValueError("train_minibatch got no micro-batches; every DP rank needs at least one.")
+        packed: list[list[float] | None] = [None] * len(batches)
+        entropy_sums: list[torch.Tensor | None] = [None] * len(batches)
+        on_policy: list[torch.Tensor | None] = [None] * len(batches)
+
+        def loss_of(i: int, batch: MicroBatch, logits: torch.Tensor) -> torch.Tensor:
+            logprobs, entropy = self._token_logprobs(batch, logits, with_entropy=True, temperature=None)
             old_logprobs = batch.old_logprobs
             if old_logprobs is None:
-                old_logprobs = logprobs.detach() * batch.response_mask
-                if captured_old_logprobs is not None:
-                    captured_old_logprobs.update(response_values(batch, old_logprobs))
-            advantages = (
-                token_advantages[i] if token_advantages and token_advantages[i] is not None else batch.advantages
-            )
+                old_logprobs = on_policy[i] = logprobs.detach() * batch.response_mask
+            advantages = batch.advantages
+            if token_advantages and token_advantages[i] is not None:
+                advantages = token_advantages[i].to(self.device)  # type: ignore[union-attr]
+            is_correct = None if correct is None else correct[i]
             loss, metrics = compute_policy_loss(
                 logprobs,
                 old_logprobs,
                 advantages,
                 batch.response_mask,
                 loss_config,
-                correct=None if correct is None else correct[i],
+                correct=None if is_correct is None else is_correct.to(self.device),
                 num_global_tokens=num_global_tokens,
                 num_global_sequences=num_global_sequences,
                 entropy=entropy,
             )
-            loss.backward()
-            packed = torch.tensor(pack_metrics(metrics), dtype=torch.float64)
-            packed_total = packed if packed_total is None else packed_total + packed
-            entropy_sum += (entropy.detach().to(torch.float64) * batch.response_mask).sum()
+            packed[i] = pack_metrics(metrics)
+            entropy_sums[i] = (entropy.detach().to(torch.float64) * batch.response_mask).sum()
+            return loss
+
+        # the router's load-balancing loss is a per-micro-batch mean: weight it so the step sees its average
+        aux_scale = 1.0 / (len(batches) * self.dp_size) if self.is_moe else None
+        self._run_schedule(batches, loss_of, forward_only=False, aux_loss_scale=aux_scale)
         result = finalize_and_step([self.model], self.optimizer)
-        if packed_total is None:
-            raise ValueError("train_minibatch got no micro-batches; every DP rank needs at least one.")
-        totals = torch.cat([packed_total, entropy_sum.reshape(1)])
+        totals = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
+        if all(p is not None for p in packed):
+            totals = torch.cat(
+                [
+                    torch.tensor(packed, dtype=torch.float64, device=self.device).sum(dim=0),
+                    torch.stack(entropy_sums).sum().reshape(1),  # type: ignore[arg-type]
+                ]
+            )
+        totals = self._from_last_stage(totals)
         if self.dp_size > 1:
             torch.distributed.all_reduce(totals, group=self.dp_group)
+        totals = totals.cpu()
+        if captured_old_logprobs is not None and any(batch.old_logprobs is None for batch in batches):
+            captured = self._logprobs_of_all_stages(batches, on_policy)
+            for batch, values in zip(batches, captured, strict=True):
+                if batch.old_logprobs is None:
+                    captured_old_logprobs.update(response_values(batch, values))
         metrics = unpack_metrics(totals[:-1])
         metrics["entropy"] = float(totals[-1]) / max(num_global_tokens, 1)
         metrics["grad_norm"] = result.grad_norm
@@ -207,6 +335,27 @@ class MegatronPolicy:
     def export_weights(self, destination: Literal["all", "rank0"] = "rank0") -> Iterator[tuple[str, torch.Tensor]]:
         """Stream (hf_name, full tensor) for refit / HF export; every rank must consume it to the end."""
         return export_hf_weights(self.model, self.hf_config, destination=destination)
+
+
+class _SetAuxLossScale(torch.autograd.Function):
+    """Identity whose backward sets the MoE load-balancing loss's gradient scale before the router's backward runs.
+
+    Megatron's schedule resets ``MoEAuxLossAutoScaler``'s scale to 1 after every forward (per-token loss mode), so
+    the policy's weight 1 / (micro-batches x DP) is set from the first backward node of each micro-batch instead:
+    the loss on the last stage, the stage output elsewhere (the backward of a stage starts there).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return tensor.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(ctx.scale, device=grad.device))
+        return grad, None
 
 
 def response_values(batch: MicroBatch, values: torch.Tensor) -> dict[int, list[float]]:

@@ -31,10 +31,9 @@ from megatron_dispo.algorithms.advantages import group_relative_advantages
 from megatron_dispo.algorithms.shaping import apply_overlong_penalty
 from megatron_dispo.config import Config
 from megatron_dispo.config_loader import to_dict
+from megatron_dispo.models.microbatch import MicroBatch, build_microbatch
 from megatron_dispo.refit import ProbeBatch, RefitCheckError, RefitMismatchError, RefitStats, send_weights
 from megatron_dispo.trainer.batching import (
-    MicroBatch,
-    build_microbatch,
     exclude_dropped,
     pack_microbatches,
     shard_for_data_parallel,

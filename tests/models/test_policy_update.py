@@ -20,10 +20,11 @@ pytestmark = [pytest.mark.mcore]
 
 def _on_policy_worker(hf_dir: str) -> dict[str, Any]:
     from megatron_dispo.algorithms import get_preset
+    from megatron_dispo.models.microbatch import build_microbatch
     from megatron_dispo.models.optimizer import OptimizerSettings
     from megatron_dispo.models.parallel import ParallelConfig, initialize_parallel
     from megatron_dispo.models.policy import MegatronPolicy
-    from megatron_dispo.trainer.batching import build_microbatch, response_token_count
+    from megatron_dispo.trainer.batching import response_token_count
 
     initialize_parallel(ParallelConfig())
     generator = torch.Generator().manual_seed(0)

@@ -35,11 +35,11 @@ def _groups(ragged: bool, seed: int = 0) -> tuple[list[list[int]], list[list[int
 
 
 def _worker(hf_dir: str, tp: int, sequence_parallel: bool) -> dict[str, Any]:
+    from megatron_dispo.models.microbatch import build_microbatch
     from megatron_dispo.models.optimizer import OptimizerSettings
     from megatron_dispo.models.parallel import ParallelConfig, initialize_parallel
     from megatron_dispo.models.policy import MegatronPolicy
     from megatron_dispo.models.prefix_sharing import shared_prefix_logits
-    from megatron_dispo.trainer.batching import build_microbatch
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel)
     initialize_parallel(parallel)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_dispo.models.microbatch import build_microbatch
 from megatron_dispo.trainer.batching import (
-    build_microbatch,
     pack_microbatches,
     response_token_count,
     shard_for_data_parallel,

@@ -1,0 +1,79 @@
+"""The policy's input type: padded, target-aligned tensors of a few sequences (one micro-batch).
+
+Lives in ``models/`` because it is what :class:`~megatron_dispo.models.policy.MegatronPolicy` consumes; the trainer's
+batching (``trainer/batching.py``) decides which sequences go together and builds these with :func:`build_microbatch`.
+
+Tensor alignment: sequences are ``prompt + response`` token ids, right-padded to ``T``. Per-token tensors are
+``[n, T - 1]`` and *target aligned*: column ``j`` is about token ``input_ids[:, j + 1]`` predicted from the prefix
+``input_ids[:, : j + 1]``. ``response_mask[:, j]`` is 1 when that target token is a response token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MicroBatch", "build_microbatch"]
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Padded tensors of a few sequences, ready for a forward pass."""
+
+    indices: tuple[int, ...]
+    """Positions of these sequences in the rollout batch."""
+    input_ids: torch.Tensor
+    """[n, T] prompt + response ids, right-padded with ``pad_token_id``."""
+    response_mask: torch.Tensor
+    """[n, T-1] float, 1 where the target token is a response token."""
+    old_logprobs: torch.Tensor | None
+    """[n, T-1] log pi_old of the target tokens (0 outside the response), once computed."""
+    advantages: torch.Tensor | None
+    """[n] per-sequence advantage."""
+    pad_token_id: int = 0
+    """Id used for right padding; the policy pads further with it (sequence parallelism needs T % TP == 0)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum().item())
+
+
+def build_microbatch(
+    indices: Sequence[int],
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    old_logprobs: Sequence[Sequence[float]] | Mapping[int, Sequence[float]] | None = None,
+    advantages: torch.Tensor | None = None,
+    pad_to_multiple_of: int = 1,
+) -> MicroBatch:
+    """Pad the chosen sequences into tensors; ``old_logprobs[i]`` holds one value per response token of sequence i
+    (a list indexed by sequence, or a mapping holding at least the chosen sequences)."""
+    lengths = [len(prompt_ids[i]) + len(response_ids[i]) for i in indices]
+    width = max(lengths)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(indices)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, width - 1), dtype=torch.float32)
+    old = torch.zeros((n, width - 1), dtype=torch.float32) if old_logprobs is not None else None
+    for row, index in enumerate(indices):
+        prompt = torch.as_tensor(prompt_ids[index], dtype=torch.long)  # lists or tensor views of a packed batch
+        response = torch.as_tensor(response_ids[index], dtype=torch.long)
+        if prompt.numel() == 0:
+            raise ValueError(f"sequence {index} has an empty prompt; every response needs at least one prompt token.")
+        tokens = torch.cat([prompt, response])
+        input_ids[row, : len(tokens)] = tokens
+        start, stop = len(prompt) - 1, len(tokens) - 1  # target j predicts token j + 1
+        mask[row, start:stop] = 1.0
+        if old is not None:
+            values = old_logprobs[index]
+            if len(values) != len(response):
+                raise ValueError(
+                    f"old_logprobs of sequence {index} has {len(values)} values for {len(response)} response tokens."
+                )
+            old[row, start:stop] = torch.as_tensor(values, dtype=torch.float32)
+    adv = advantages[list(indices)].to(torch.float32) if advantages is not None else None
+    return MicroBatch(tuple(indices), input_ids, mask, old, adv, pad_token_id)

@@ -1,0 +1,114 @@
+"""The real trainer CLI under the layouts the paper recipes use, against a 1-process run of the same config.
+
+Dense tiny Qwen3 (SFT-warmed, so rollouts are partly correct): TP=2 + sequence parallel, and PP=2. Tiny Qwen3-MoE
+(SFT-warmed the same way): TP=2 + sequence parallel, and EP=2 (which also makes the dense part DP=2). Step 1 samples
+from identical weights with identical seeds, so the rollout is the same in every layout; the update must then give
+the same loss (1e-4 relative) and gradient norm (1e-3 relative). One 1-process baseline per model, each multi-rank
+layout once, every subprocess under a timeout.
+
+Layout mistakes fail at start-up through the CLI with one ``config error: ...`` line and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_dispo.trainer.metrics import read_metrics
+from tests.trainer.conftest import FAST, TINY_CONFIG, run_train
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
+
+ONE_STEP = [*FAST, "trainer.max_steps=1", "eval.every_steps=0", "data.heldout=null", "refit.check_every=1"]
+TP2_SP = ("model.parallel.tensor_model_parallel_size=2", "model.parallel.sequence_parallel=true")
+
+
+def _step1(model: Path, run_dir: Path, *layout: str, nproc: int = 1) -> dict[str, float]:
+    started = time.monotonic()
+    run_train(f"model.hf_path={model}", f"trainer.run_dir={run_dir}", *ONE_STEP, *layout, nproc=nproc, timeout=600)
+    print(f"{model.parent.name} {' '.join(layout) or '1 process'}: {time.monotonic() - started:.0f} s")  # pytest -s
+    (record,) = [r for r in read_metrics(run_dir) if int(r["step"]) == 1]
+    assert record["rollout/dynamic_sampling/empty_batch"] == 0, "no group kept: nothing to compare"
+    assert record["train/grad_norm"] > 0 and record["refit/num_tensors"] > 0
+    return record
+
+
+def _assert_same_step(got: dict[str, float], want: dict[str, float]) -> None:
+    assert got["rollout/accuracy"] == want["rollout/accuracy"]
+    assert got["rollout/num_responses"] == want["rollout/num_responses"]
+    assert got["train/loss"] == pytest.approx(want["train/loss"], rel=1e-4)
+    assert got["train/grad_norm"] == pytest.approx(want["train/grad_norm"], rel=1e-3)
+    print(  # the measured parity, for the record (pytest -s)
+        f"loss rel diff {abs(got['train/loss'] / want['train/loss'] - 1):.2e}, "
+        f"grad_norm rel diff {abs(got['train/grad_norm'] / want['train/grad_norm'] - 1):.2e}"
+    )
+
+
+# --- dense ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dense_baseline(warm_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+    return _step1(warm_tiny_model, tmp_path_factory.mktemp("dense_1p"))
+
+
+@pytest.mark.parametrize("layout", [TP2_SP, ("model.parallel.pipeline_model_parallel_size=2",)], ids=["tp2_sp", "pp2"])
+def test_dense_layouts_match_one_process(warm_tiny_model, dense_baseline, tmp_path, layout):
+    _assert_same_step(_step1(warm_tiny_model, tmp_path, *layout, nproc=2), dense_baseline)
+
+
+# --- MoE --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def warm_tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny Qwen3-MoE after the same short SFT warm-up as the dense model: a random one scores 0, so dynamic sampling
+    would keep no group (and with it disabled every advantage is 0, leaving nothing but the router loss to compare)."""
+    from megatron_dispo.data.synthetic import generate_arithmetic
+    from megatron_dispo.models.tiny import make_tiny_checkpoint
+    from megatron_dispo.trainer.warmup import WarmupConfig, sft_warmup
+
+    root = tmp_path_factory.mktemp("warm_moe")
+    base = make_tiny_checkpoint(root / "base", moe=True, seed=0, init_std=0.02)
+    return sft_warmup(base, root / "warm", generate_arithmetic(2000, 1, seed=1), WarmupConfig(steps=100, batch_size=16))
+
+
+@pytest.fixture(scope="module")
+def moe_baseline(warm_tiny_moe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+    return _step1(warm_tiny_moe, tmp_path_factory.mktemp("moe_1p"))
+
+
+@pytest.mark.parametrize("layout", [TP2_SP, ("model.parallel.expert_model_parallel_size=2",)], ids=["tp2_sp", "ep2"])
+def test_moe_layouts_match_one_process(warm_tiny_moe, moe_baseline, tmp_path, layout):
+    _assert_same_step(_step1(warm_tiny_moe, tmp_path, *layout, nproc=2), moe_baseline)
+
+
+# --- layout mistakes: one line on stderr, no traceback ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("world", "overrides", "message"),
+    [
+        (3, TP2_SP, r"world_size \(3\) must be a multiple of tensor_model_parallel_size \(2\)"),
+        (
+            4,
+            ("model.parallel.pipeline_model_parallel_size=4",),
+            r"num_layers \(2\) must be a multiple of pipeline_model",
+        ),
+        (2, ("model.hf_path=/nonexistent/model",), r"model.hf_path='/nonexistent/model' does not exist"),
+        (2, ("model.parallel.sequence_parallel=true",), r"sequence_parallel=True needs tensor_model_parallel_size > 1"),
+    ],
+    ids=["world_vs_tp", "layers_vs_pp", "missing_model", "sp_without_tp"],
+)
+def test_bad_layouts_fail_at_start_up_with_one_line(tiny_checkpoints, tmp_path, world, overrides, message):
+    import re
+
+    args = [f"model.hf_path={tiny_checkpoints['dense']}", f"trainer.run_dir={tmp_path}", *FAST, *overrides]
+    env = {**os.environ, "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}  # the world torchrun would launch
+    command = [sys.executable, "-m", "megatron_dispo", "train", str(TINY_CONFIG), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("config error: "), proc.stderr[-2000:]
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing started
