@@ -192,7 +192,7 @@ class MegatronPolicy:
     @torch.no_grad()
     def response_logprobs(
         self, batches: Sequence[MicroBatch], *, temperature: float | None = None
-    ) -> dict[int, list[float]]:
+    ) -> dict[int, torch.Tensor]:
         """pi_old of every response token: {sequence index: per-token log-probs}, one forward per micro-batch
         (forward-only pipeline schedule); every pipeline stage returns the same values."""
         if not batches:
@@ -205,7 +205,7 @@ class MegatronPolicy:
             return torch.zeros((), device=logits.device)
 
         self._run_schedule(batches, store, forward_only=True)
-        out: dict[int, list[float]] = {}
+        out: dict[int, torch.Tensor] = {}
         for batch, logprobs in zip(batches, self._logprobs_of_all_stages(batches, values), strict=True):
             out.update(response_values(batch, logprobs))
         return out
@@ -223,19 +223,19 @@ class MegatronPolicy:
         response_ids: Sequence[Sequence[int]],
         *,
         temperature: float | None = None,
-    ) -> dict[int, list[float]]:
+    ) -> dict[int, torch.Tensor]:
         """pi_old of every response token like `response_logprobs`, but each distinct prompt of a chunk runs once
         and its keys/values serve all its responses (`prefix_sharing.py`). `chunks` lists sequence indices per
         forward (memory budget); empty responses get an empty list."""
         self.model.eval()
-        out: dict[int, list[float]] = {}
+        out: dict[int, torch.Tensor] = {}
         for chunk in chunks:
-            rows = [i for i in chunk if response_ids[i]]
-            out.update({i: [] for i in chunk if not response_ids[i]})
+            rows = [i for i in chunk if len(response_ids[i]) > 0]
+            out.update({i: torch.zeros(0) for i in chunk if len(response_ids[i]) == 0})
             if not rows:
                 continue
             logits = shared_prefix_logits(
-                self.model, [prompt_ids[i] for i in rows], [response_ids[i] for i in rows], pad_token_id=0
+                self.model, [_ids(prompt_ids[i]) for i in rows], [_ids(response_ids[i]) for i in rows], pad_token_id=0
             )
             targets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
             for row, index in enumerate(rows):
@@ -248,7 +248,8 @@ class MegatronPolicy:
                 vocab_size=self.hf_config.vocab_size,
                 compute_entropy=False,
             )
-            out.update({index: logprobs[row, : len(response_ids[index])].tolist() for row, index in enumerate(rows)})
+            for row, index in enumerate(rows):
+                out[index] = logprobs[row, : len(response_ids[index])].float().cpu()
         return out
 
     # ------------------------------------------------------------------ update
@@ -261,7 +262,7 @@ class MegatronPolicy:
         num_global_sequences: int,
         correct: Sequence[torch.Tensor | None] | None = None,
         token_advantages: Sequence[torch.Tensor | None] | None = None,
-        captured_old_logprobs: dict[int, list[float]] | None = None,
+        captured_old_logprobs: dict[int, torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches of a mini-batch; metrics are global (all DP ranks).
 
@@ -358,6 +359,12 @@ class _SetAuxLossScale(torch.autograd.Function):
         return grad, None
 
 
-def response_values(batch: MicroBatch, values: torch.Tensor) -> dict[int, list[float]]:
-    """{sequence index: its response tokens' entries of a target-aligned [n, T-1] tensor}."""
-    return {index: values[row][batch.response_mask[row] > 0].tolist() for row, index in enumerate(batch.indices)}
+def _ids(tokens: Sequence[int] | torch.Tensor) -> list[int]:
+    """Token ids as a list (prompt sharing finds a group's shared prompt by value)."""
+    return tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+
+
+def response_values(batch: MicroBatch, values: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{sequence index: its response tokens' entries of a target-aligned [n, T-1] tensor} (1-D float32 tensors: pi_old
+    goes from here into the next micro-batches' tensors without a detour through Python lists)."""
+    return {index: values[row][batch.response_mask[row] > 0] for row, index in enumerate(batch.indices)}

@@ -225,7 +225,7 @@ class Trainer:
             exclude_dropped(b, batch.valid)
         return micro
 
-    def _old_logprobs(self, batch: StepBatch, plan: UpdatePlan) -> dict[int, Any]:
+    def _old_logprobs(self, batch: StepBatch, plan: UpdatePlan) -> dict[int, torch.Tensor]:
         """pi_old of this rank's response tokens, one no-grad forward over every mini-batch but the first.
 
         The first update runs before any weight change, so its own forward gives pi_old (r = 1 exactly) and is
@@ -235,12 +235,11 @@ class Trainer:
         indices = [i for share in (plan.local[1:] if first_on_policy else plan.local) for i in share]
         if self.share_prompts:  # each distinct prompt runs once per chunk
             chunks = pack_microbatches(indices, plan.sequence_lengths, self.config.trainer.max_tokens_per_microbatch)
-            prompts, responses = [p.tolist() for p in batch.prompts], [r.tolist() for r in batch.responses]
-            return self.policy.shared_prompt_logprobs(chunks, prompts, responses)  # distinct prompts found by value
+            return self.policy.shared_prompt_logprobs(chunks, batch.prompts, batch.responses)
         return self.policy.response_logprobs(self._micro_batches(batch, plan, indices))
 
     def _update(
-        self, batch: StepBatch, plan: UpdatePlan, old_logprobs: dict[int, Any], advantages: torch.Tensor
+        self, batch: StepBatch, plan: UpdatePlan, old_logprobs: dict[int, torch.Tensor], advantages: torch.Tensor
     ) -> dict[str, float]:
         """K optimizer updates, one per mini-batch; the on-policy first update fills in its pi_old."""
         cfg = self.config
