@@ -92,6 +92,7 @@ def _run_distributed(fn: Any, fn_args: tuple, world_size: int) -> None:
         "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size),
+        "LAUNCHER_PID": str(os.getpid()),
     }
     if world_size == 1:
         os.environ.update(env | {"RANK": "0", "LOCAL_RANK": "0"})
@@ -118,6 +119,9 @@ def _run_distributed(fn: Any, fn_args: tuple, world_size: int) -> None:
 
 
 def _rank_main(fn: Any, fn_args: tuple, env: dict[str, str], rank: int) -> None:  # pragma: no cover - child
+    from megatron_dispo.lifetime import die_with_parent
+
+    die_with_parent(int(env["LAUNCHER_PID"]))  # a killed conversion leaves no rank behind
     os.environ.update(env | {"RANK": str(rank), "LOCAL_RANK": str(rank)})
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     fn(*fn_args)

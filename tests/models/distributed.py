@@ -35,6 +35,9 @@ def free_port() -> int:
 def _worker_main(
     target: Callable[..., Any], rank: int, env: dict[str, str], args: tuple, results: mp.Queue
 ) -> None:  # pragma: no cover - runs in the child
+    from megatron_dispo.lifetime import die_with_parent
+
+    die_with_parent(int(env["_LAUNCHER_PID"]))  # a killed test run leaves no worker (nor its resource tracker) behind
     os.environ.update(env)
     os.environ["RANK"] = str(rank)
     os.environ["LOCAL_RANK"] = str(rank)
@@ -85,6 +88,7 @@ def run_workers(
         "CUDA_DEVICE_MAX_CONNECTIONS": "1",
     }
     base_env |= env or {}
+    base_env["_LAUNCHER_PID"] = str(os.getpid())
     procs = [
         ctx.Process(target=_worker_main, args=(target, rank, base_env, args, results), daemon=False)
         for rank in range(world_size)

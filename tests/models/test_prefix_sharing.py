@@ -91,7 +91,9 @@ def test_shared_prompt_forward_at_tp2_equals_full_forward(tiny_checkpoints: dict
     for result in results:
         _check(result)
     for ragged in (False, True):  # every TP rank ends with the same values
-        assert results[0][ragged][1] == results[1][ragged][1]
+        first, second = results[0][ragged][1], results[1][ragged][1]
+        assert sorted(first) == sorted(second)
+        assert all(torch.equal(first[index], second[index]) for index in first)
 
 
 @pytest.mark.timeout(300)
