@@ -233,20 +233,25 @@ def build_model(
     fp8: str | None = None,
     fp8_recipe: str = "delayed",
     seed: int | None = None,
+    initialize: bool = True,
     **overrides: Any,
 ) -> GPTModel:
     """This rank's ``GPTModel`` shard (pipeline stage, TP/EP slices) for the HF config; needs initialize_parallel().
 
     Weights come from :func:`initialize_weights` with ``seed`` (default: the seed of initialize_parallel()), identical
-    at any layout; load real weights over them with the HF conversion. On GPU the model lives on the current device.
-    The output layer returns vocab-parallel logits ([b, s, V/TP]); reduce them with vocab-parallel ops rather than
-    all-gathering the vocabulary.
+    at any layout. ``initialize=False`` is for a model whose HF weights are loaded next: no random draw at all
+    (Megatron's init methods become no-ops that only tag the TP-split parameters, and :func:`initialize_weights` is
+    skipped), so every parameter holds uninitialised memory until the load. On GPU the model lives on the current
+    device. The output layer returns vocab-parallel logits ([b, s, V/TP]); reduce them with vocab-parallel ops rather
+    than all-gathering the vocabulary.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     if not parallel_state.model_parallel_is_initialized():
         raise ValueError("build_model() needs the parallel state; call initialize_parallel(parallel) first.")
+    if not initialize:  # Megatron still runs its init to tag TP-split parameters; make the draw itself a no-op
+        overrides = {"init_method": _no_init, "output_layer_init_method": _no_init, **overrides}
     config = transformer_config_from_hf(
         hf_config, parallel, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe, **overrides
     )
@@ -265,8 +270,13 @@ def build_model(
     )
     if torch.cuda.is_available():
         model = model.cuda(torch.cuda.current_device())
-    initialize_weights(model, parallel_seed() if seed is None else seed)
+    if initialize:
+        initialize_weights(model, parallel_seed() if seed is None else seed)
     return model
+
+
+def _no_init(tensor: torch.Tensor) -> None:
+    """Init method for weights about to be overwritten by a checkpoint: leaves the tensor as allocated."""
 
 
 def initialize_weights(model: torch.nn.Module, seed: int) -> None:

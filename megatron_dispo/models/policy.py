@@ -57,9 +57,10 @@ class MegatronPolicy:
         self.parallel = parallel
         self.temperature = temperature
         model = build_model(
-            self.hf_config, parallel, params_dtype=DTYPES[params_dtype], fp8=fp8, calculate_per_token_loss=True
-        )
-        load_hf_weights(model, self.hf_dir, self.hf_config)
+            self.hf_config, parallel, params_dtype=DTYPES[params_dtype], fp8=fp8, initialize=False,
+            calculate_per_token_loss=True,
+        )  # fmt: skip
+        load_hf_weights(model, self.hf_dir, self.hf_config)  # the only values the weights ever take: no random init
         self.model = wrap_ddp(model, parallel, optimizer)
         self.optimizer = build_optimizer([self.model], parallel, optimizer)
         self._tp_group = (
