@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=4.0, help="vLLM KV cache size (CPU)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="vLLM weights dtype")
     parser.add_argument("--seed", type=int, default=0, help="base sampling seed (reproducible runs)")
+    parser.add_argument(
+        "--engine-tp", type=int, default=1, help="vLLM TP per replica (torchrun: one replica per group)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N problems per benchmark (smoke runs)")
     parser.add_argument("--eval-data-dir", type=Path, default=None, help=f"aime/amc JSONL folder (or ${EVAL_DATA_ENV})")
     parser.add_argument("--answer-format", choices=ANSWER_FORMATS, default="auto")
@@ -60,7 +63,10 @@ def _parse_benchmarks(text: str) -> list[str]:
     return names
 
 
-def _generate(args: argparse.Namespace, problems: dict[str, ProblemSet]) -> dict[str, dict[str, ProblemResponses]]:
+def _generate(
+    args: argparse.Namespace, problems: dict[str, ProblemSet]
+) -> dict[str, dict[str, ProblemResponses]] | None:
+    """Rank 0's responses (written to responses.jsonl); None on the other ranks of a torchrun launch."""
     from megatron_dispo.eval.generation import GenerationSettings, generate_responses
 
     settings = GenerationSettings(
@@ -72,8 +78,11 @@ def _generate(args: argparse.Namespace, problems: dict[str, ProblemSet]) -> dict
         kv_cache_gib=args.kv_cache_gib,
         dtype=args.dtype,
         seed=args.seed,
+        tensor_parallel_size=args.engine_tp,
     )
     generated = generate_responses(args.model, problems, settings)
+    if generated is None:  # a serving rank: rank 0 scores and writes
+        return None
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with open(args.output_dir / "responses.jsonl", "w", encoding="utf-8") as handle:  # re-scorable later
         for name, per_problem in generated.items():
@@ -97,7 +106,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n {args.n} must be >= 1.")
     problems = _load_problems(names, args.eval_data_dir, args.limit)
     if args.model is not None:
-        responses = _generate(args, problems)
+        generated = _generate(args, problems)
+        if generated is None:
+            return 0
+        responses = generated
     else:
         responses = read_responses_file(args.responses)
         missing = [name for name in names if name not in responses]

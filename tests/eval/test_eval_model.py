@@ -8,6 +8,7 @@ under a hard timeout.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +21,11 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MAX_NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def model_eval(tmp_path_factory: pytest.TempPathFactory, shared_eval_dir: Path) -> tuple[Path, Path]:
-    pytest.importorskip("vllm")
-    from megatron_dispo.models.tiny import make_tiny_checkpoint
-
-    checkpoint = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
-    out_dir = tmp_path_factory.mktemp("eval_model")
-    command = [
+def _eval_command(checkpoint: Path, out_dir: Path, shared_eval_dir: Path, *extra: str, nproc: int = 1) -> list[str]:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return [
         sys.executable,
+        *launcher,
         "-m",
         "megatron_dispo.cli",
         "eval",
@@ -56,10 +53,34 @@ def model_eval(tmp_path_factory: pytest.TempPathFactory, shared_eval_dir: Path) 
         str(shared_eval_dir),
         "--output-dir",
         str(out_dir),
+        *extra,
     ]
+
+
+@pytest.fixture(scope="module")
+def model_eval(tmp_path_factory: pytest.TempPathFactory, shared_eval_dir: Path) -> tuple[Path, Path]:
+    pytest.importorskip("vllm")
+    from megatron_dispo.models.tiny import make_tiny_checkpoint
+
+    checkpoint = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+    out_dir = tmp_path_factory.mktemp("eval_model")
+    command = _eval_command(checkpoint, out_dir, shared_eval_dir)
     completed = subprocess.run(command, capture_output=True, text=True, timeout=400, env=None)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return checkpoint, out_dir
+
+
+def test_two_engine_replicas_give_the_one_engine_responses(
+    model_eval: tuple[Path, Path], shared_eval_dir: Path, tmp_path: Path
+) -> None:
+    """Under torchrun with 2 ranks the problems are dealt to 2 engine replicas; rank 0 writes what one engine wrote."""
+    checkpoint, one_engine = model_eval
+    command = _eval_command(checkpoint, tmp_path, shared_eval_dir, nproc=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (tmp_path / "responses.jsonl").read_text() == (one_engine / "responses.jsonl").read_text()
+    assert "engine replicas: 2" in completed.stdout
 
 
 def test_report_and_saved_responses(model_eval: tuple[Path, Path]) -> None:
