@@ -92,7 +92,11 @@ def test_30b_a3b_local_params_by_hand():
     3 x 2048 x 768 = 4,718,592 in 48 layers = 905,969,664. Sum 1,300,838,400."""
     plan = make_plan(load_run_config(CONFIG_DIR / "qwen3_30b_a3b_dispo.yaml"), nodes=4, gpus_per_node=8)
     assert plan.memory.local_params == 1_300_838_400
-    assert (plan.layout.dp, plan.layout.expert_dp, plan.layout.engine_replicas) == (8, 1, 32)
+    assert (plan.layout.dp, plan.layout.expert_dp, plan.layout.engine_replicas) == (
+        8,
+        1,
+        16,
+    )  # engine TP 2 (the recipe): 16 replicas
 
 
 TINY_HF = {
@@ -292,6 +296,6 @@ def test_cli_subprocess_is_fast_prints_the_layout_and_imports_no_engine():
     assert proc.returncode == 0, proc.stderr
     assert cpu_s < 10, f"plan took {cpu_s:.1f} s of CPU"
     assert "LOADED [] False" in proc.stdout
-    assert "world 32" in proc.stdout and "32 vLLM replicas x engine TP 1, consecutive ranks in one node" in proc.stdout
+    assert "world 32" in proc.stdout and "16 vLLM replicas x engine TP 2, consecutive ranks in one node" in proc.stdout
     assert re.search(r"│\s+8 │\s+1 │\s+1 │\s+- │\s+1 │\s+4 │", proc.stdout)  # TP PP EP ETP CP DP
     assert "plan: OK" in proc.stdout
