@@ -21,6 +21,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_run_config(args.config, args.overrides)
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from exc
+    if config.rollout.placement == "dedicated":
+        from megatron_dispo.trainer.async_loop import run_dedicated
+
+        return run_dedicated(config)
     from megatron_dispo.trainer.loop import Trainer
 
     trainer = Trainer(config)

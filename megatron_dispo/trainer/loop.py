@@ -109,18 +109,7 @@ class Trainer:
         self.collector: Any = None
         self.refitter: Any = None
         self.logger: MetricsLogger | None = None
-        probe: ProbeBatch | None = None
-        if self.is_engine_rank:
-            from megatron_dispo.refit import Refitter
-            from megatron_dispo.rollout.engine import RolloutEngine
-            from megatron_dispo.trainer.collector import RolloutCollector
-
-            self.engine = RolloutEngine(config.model.hf_path, config.rollout)
-            self.collector = RolloutCollector(config, self.engine, self.tokenizer)
-            sequences, prompt_lens = self.collector.probe_sequences()
-            probe = ProbeBatch(tuple(sequences), tuple(prompt_lens))
-            self.refitter = Refitter(self.engine, config.refit, probe=probe)
-        self.probe: ProbeBatch = _broadcast_object(probe)  # once, at start-up: every rank scores it at checks
+        self.probe: ProbeBatch = self._start_engine()  # once, at start-up: every rank scores it at checks
         self.refit_count = 0
         self.start_step = 1
         if config.trainer.resume:
@@ -133,6 +122,25 @@ class Trainer:
                 run_config=to_dict(config),
                 console=self.console,
             )
+
+    def _start_engine(self) -> ProbeBatch:
+        """The engine, collector and refitter on the engine rank; the refit probe batch on every rank."""
+        probe: ProbeBatch | None = None
+        if self.is_engine_rank:
+            from megatron_dispo.refit import Refitter
+            from megatron_dispo.rollout.engine import RolloutEngine
+            from megatron_dispo.trainer.collector import RolloutCollector
+
+            self.engine = RolloutEngine(self.config.model.hf_path, self.config.rollout)
+            self.collector = RolloutCollector(self.config, self.engine, self.tokenizer)
+            sequences, prompt_lens = self.collector.probe_sequences()
+            probe = ProbeBatch(tuple(sequences), tuple(prompt_lens))
+            self.refitter = Refitter(self.engine, self.config.refit, probe=probe)
+        return _broadcast_object(probe)
+
+    def _first_update_on_policy(self) -> bool:
+        """Whether the first update's own forward is pi_old (r = 1 exactly): not with TIS, which needs pi_old first."""
+        return self.config.algorithm.tis_cap is None
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
@@ -226,7 +234,7 @@ class Trainer:
         The first update runs before any weight change, so its own forward gives pi_old (r = 1 exactly) and is
         captured there; TIS needs pi_old before that forward, so with TIS every mini-batch takes this pass.
         """
-        first_on_policy = self.config.algorithm.tis_cap is None
+        first_on_policy = self._first_update_on_policy()
         indices = [i for share in (plan.local[1:] if first_on_policy else plan.local) for i in share]
         if self.share_prompts:  # each distinct prompt runs once per chunk
             chunks = pack_microbatches(indices, plan.sequence_lengths, self.config.trainer.max_tokens_per_microbatch)
@@ -244,7 +252,7 @@ class Trainer:
         counted = (batch.response_lens > 0) & batch.valid
         results = []
         for update_index, (minibatch, share) in enumerate(zip(plan.minibatches, plan.local, strict=True)):
-            on_policy = update_index == 0 and tis_cap is None
+            on_policy = update_index == 0 and self._first_update_on_policy()
             micro = self._micro_batches(
                 batch, plan, share, old_logprobs=None if on_policy else old_logprobs, advantages=advantages
             )
@@ -315,8 +323,7 @@ class Trainer:
         from megatron_dispo.models.checkpoint import save_checkpoint
         from megatron_dispo.models.convert_cli import HF_SUBDIR
 
-        local = {"next_step": step + 1, **self.collector.state_dict()} if self.collector is not None else None
-        state = _broadcast_object(local)
+        state = _broadcast_object(self._checkpoint_state(step))
 
         def write_model(path: Path) -> None:
             save_checkpoint(
@@ -327,6 +334,10 @@ class Trainer:
                 self.tokenizer.save_pretrained(str(path / HF_SUBDIR))
 
         self.checkpoints.save(step, state, write_model)
+
+    def _checkpoint_state(self, step: int) -> dict[str, Any] | None:
+        """The engine rank's run state at checkpoint ``step`` (next step, data order); None on the other ranks."""
+        return {"next_step": step + 1, **self.collector.state_dict()} if self.collector is not None else None
 
     def _resume(self) -> None:
         from megatron_dispo.models.checkpoint import latest_checkpoint, load_checkpoint
