@@ -151,7 +151,7 @@ class AsyncTrainer(Trainer):
             self.bridge.broadcast_object({"kind": "start", **start}, src=TRAINER)
 
     def _resume(self) -> None:
-        loaded = self.checkpoints.load_latest()
+        loaded = self.checkpoints.load_latest(restore_rng=False)  # its state only: the parent loads the rest
         if loaded is not None:
             state = loaded.trainer_state
             self._send_start(int(state["next_step"]) - 1, state.get("collector"))

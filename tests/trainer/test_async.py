@@ -87,3 +87,17 @@ def test_probe_passes_on_rollout_rank_after_every_transfer(run, request) -> None
 def test_staleness_needs_dedicated_placement() -> None:
     with pytest.raises(ConfigError, match=r"max_staleness=1 needs rollout\.placement=dedicated"):
         load_run_config(TINY_CONFIG, ["trainer.max_staleness=1"])
+
+
+def test_k0_resume_continues_exactly(dedicated_k0, warm_tiny_model, tmp_path) -> None:
+    """Resume in dedicated placement: the rollout rank gets the data order and weights of the checkpoint's step."""
+    args = ("rollout.placement=dedicated", "trainer.checkpoint_every=2")
+    common = (f"model.hf_path={warm_tiny_model}", f"trainer.run_dir={tmp_path}", *FAST, "refit.check_every=1", *args)
+    run_train(*common, "trainer.max_steps=2", nproc=2, timeout=420)
+    run_train(*common, f"trainer.max_steps={STEPS}", "trainer.resume=true", nproc=2, timeout=420)
+    resumed = _by_step(tmp_path)
+    assert sorted(resumed) == list(range(STEPS + 1))
+    for step in (3, 4):
+        expected = {k: v for k, v in dedicated_k0[step].items() if k.startswith(COMPARED)}
+        got = {k: v for k, v in resumed[step].items() if k.startswith(COMPARED)}
+        assert got == expected, f"step {step}"
