@@ -101,3 +101,15 @@ def test_k0_resume_continues_exactly(dedicated_k0, warm_tiny_model, tmp_path) ->
         expected = {k: v for k, v in dedicated_k0[step].items() if k.startswith(COMPARED)}
         got = {k: v for k, v in resumed[step].items() if k.startswith(COMPARED)}
         assert got == expected, f"step {step}"
+
+
+def test_engine_old_logprobs_weigh_the_staleness_gap(dedicated_k1, warm_tiny_model, tmp_path) -> None:
+    """pi_old = the engine's behaviour log-probs: same samples as the recompute run, another loss once stale."""
+    args = ("rollout.placement=dedicated", "trainer.max_staleness=1", "trainer.old_logprobs=engine")
+    engine = _run(warm_tiny_model, tmp_path, *args, nproc=2)
+    for step in range(1, STEPS + 1):
+        assert engine[step]["rollout/staleness/max"] == dedicated_k1[step]["rollout/staleness/max"]
+    assert engine[1]["rollout/accuracy"] == dedicated_k1[1]["rollout/accuracy"]  # version 0 drew both batches 1
+    assert engine[2]["rollout/accuracy"] == dedicated_k1[2]["rollout/accuracy"]
+    # batch 2 came from version 0 and trains on version 1: pi_old = v0 (engine) is not pi_old = v1 (recompute)
+    assert engine[2]["train/loss"] != dedicated_k1[2]["train/loss"]
