@@ -57,16 +57,22 @@ def main() -> int:
     parser.add_argument("--curve-steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--png", default=str(REPO / "docs" / "img" / "async_staleness_heldout.png"))
+    parser.add_argument("--skip-timing", action="store_true", help="only the --curves runs")
     parser.add_argument("--work-dir", default=None, help="keep runs here (default: a temporary folder)")
     args = parser.parse_args()
     console = Console(highlight=False)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_async_"))
     source = load_run_config(DEFAULT_CONFIG, ["model.hf_path=unused"]).data.train[0]
-    models = {seed: build_warmup_model(work / f"model{seed}", seed, args.warmup_steps, source, console) for seed in
-              (args.seeds if args.curves else args.seeds[:1])}  # fmt: skip
+    models = {}
+    for seed in args.seeds if args.curves else args.seeds[:1]:
+        built = work / f"model{seed}" / "warmup_model"  # a kept --work-dir reuses its warm-up models
+        ready = (built / "config.json").is_file()
+        models[seed] = (
+            built if ready else build_warmup_model(work / f"model{seed}", seed, args.warmup_steps, source, console)
+        )
 
     timed = {}
-    for k in (0, 1):
+    for k in () if args.skip_timing else (0, 1):
         started = time.perf_counter()
         seed = args.seeds[0]
         records = train_dedicated(
@@ -78,7 +84,8 @@ def main() -> int:
             f"max_staleness={k}: {timed[k]:.3f} s/step over steps 2..{args.steps} (trainer waits {waits:.3f} s/step "
             f"for rollout; run {time.perf_counter() - started:.0f} s)"
         )
-    console.print(f"[bold]step-time ratio max_staleness=0 / max_staleness=1: {timed[0] / timed[1]:.2f}x")
+    if timed:
+        console.print(f"[bold]step-time ratio max_staleness=0 / max_staleness=1: {timed[0] / timed[1]:.2f}x")
 
     if args.curves:
         from megatron_dispo.trainer.plotting import DEFAULT_PANELS, plot_runs
