@@ -63,6 +63,13 @@ class RolloutConfig:
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     """Loop detector thresholds; ``repetition.enabled=False`` switches truncation off."""
 
+    # placement
+    placement: Literal["colocated", "dedicated"] = "colocated"
+    """``colocated``: the engine lives on training rank 0 and training waits for rollout. ``dedicated``: the last
+    ``num_ranks`` ranks of the job run only engines and generate while the others train (``trainer.max_staleness``)."""
+    num_ranks: int = 1
+    """Rollout-only ranks with ``placement=dedicated`` (ignored when colocated)."""
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 10.0:
             raise ValueError(f"temperature={self.temperature} must be in [0, 10]; use 0 for greedy, 1.0 for RL.")
@@ -99,6 +106,10 @@ class RolloutConfig:
                 f"replica_timeout_s={self.replica_timeout_s} must be positive; use a bound above the longest rollout "
                 "call (the default is 900 s)."
             )
+        if self.placement not in ("colocated", "dedicated"):
+            raise ValueError(f"placement={self.placement!r} must be 'colocated' or 'dedicated'.")
+        if self.num_ranks != 1:
+            raise ValueError(f"num_ranks={self.num_ranks}: dedicated placement runs one rollout rank today; set 1.")
         if not isinstance(self.repetition, RepetitionConfig):
             raise TypeError(f"repetition must be a RepetitionConfig, got {type(self.repetition).__name__}.")
 

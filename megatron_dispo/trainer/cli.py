@@ -23,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
         config.validate_for_world(int(os.environ.get("WORLD_SIZE", "1")), hf_config=config.load_hf_config())
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from exc
+    if config.rollout.placement == "dedicated":
+        from megatron_dispo.trainer.async_loop import run_dedicated
+
+        return run_dedicated(config)
     from megatron_dispo.trainer.loop import Trainer
 
     trainer = Trainer(config)

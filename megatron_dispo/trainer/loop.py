@@ -106,23 +106,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.run_dir, keep_last=config.trainer.keep_last, rank=self.rank, barrier=dist.barrier
         )
-        from megatron_dispo.refit import Refitter
-        from megatron_dispo.rollout.replicas import ReplicatedEngine
-
-        # one engine replica on every group of rollout.tensor_parallel_size ranks; rank 0 drives them all
-        self.engine = ReplicatedEngine(config.model.hf_path, config.rollout)
+        self.engine: Any = None
         self.collector: Any = None
+        self.refitter: Any = None
         self.logger: MetricsLogger | None = None
-        probe: ProbeBatch | None = None
-        if self.is_engine_rank:
-            from megatron_dispo.trainer.collector import RolloutCollector
-
-            self.collector = RolloutCollector(config, self.engine, self.tokenizer)
-            sequences, prompt_lens = self.collector.probe_sequences()
-            probe = ProbeBatch(tuple(sequences), tuple(prompt_lens))
-        self.probe: ProbeBatch = _broadcast_object(probe)  # once, at start-up: every rank scores it at checks
-        # every rank refits its own engine from the full HF tensors (vLLM slices them per engine rank)
-        self.refitter = Refitter(self.engine.local_engine, config.refit, probe=self.probe)
+        self.probe: ProbeBatch = self._start_engine()  # once, at start-up: every rank scores it at checks
         self.refit_count = 0
         self.start_step = 1
         if config.trainer.resume:
@@ -135,6 +123,29 @@ class Trainer:
                 run_config=to_dict(config),
                 console=self.console,
             )
+
+    def _start_engine(self) -> ProbeBatch:
+        """An engine replica on every group of ``rollout.tensor_parallel_size`` ranks (rank 0 drives them all and
+        hosts the collector), a refitter per rank on its own engine; the refit probe batch on every rank."""
+        from megatron_dispo.refit import Refitter
+        from megatron_dispo.rollout.replicas import ReplicatedEngine
+
+        self.engine = ReplicatedEngine(self.config.model.hf_path, self.config.rollout)
+        probe: ProbeBatch | None = None
+        if self.is_engine_rank:
+            from megatron_dispo.trainer.collector import RolloutCollector
+
+            self.collector = RolloutCollector(self.config, self.engine, self.tokenizer)
+            sequences, prompt_lens = self.collector.probe_sequences()
+            probe = ProbeBatch(tuple(sequences), tuple(prompt_lens))
+        probe = _broadcast_object(probe)
+        # every rank refits its own engine from the full HF tensors (vLLM slices them per engine rank)
+        self.refitter = Refitter(self.engine.local_engine, self.config.refit, probe=probe)
+        return probe
+
+    def _first_update_on_policy(self) -> bool:
+        """Whether the first update's own forward is pi_old (r = 1 exactly): not with TIS, which needs pi_old first."""
+        return self.config.algorithm.tis_cap is None
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, float]:
@@ -231,7 +242,7 @@ class Trainer:
         The first update runs before any weight change, so its own forward gives pi_old (r = 1 exactly) and is
         captured there; TIS needs pi_old before that forward, so with TIS every mini-batch takes this pass.
         """
-        first_on_policy = self.config.algorithm.tis_cap is None
+        first_on_policy = self._first_update_on_policy()
         indices = [i for share in (plan.local[1:] if first_on_policy else plan.local) for i in share]
         if self.share_prompts:  # each distinct prompt runs once per chunk
             chunks = pack_microbatches(indices, plan.sequence_lengths, self.config.trainer.max_tokens_per_microbatch)
@@ -248,7 +259,7 @@ class Trainer:
         counted = (batch.response_lens > 0) & batch.valid
         results = []
         for update_index, (minibatch, share) in enumerate(zip(plan.minibatches, plan.local, strict=True)):
-            on_policy = update_index == 0 and tis_cap is None
+            on_policy = update_index == 0 and self._first_update_on_policy()
             micro = self._micro_batches(
                 batch, plan, share, old_logprobs=None if on_policy else old_logprobs, advantages=advantages
             )
@@ -353,8 +364,7 @@ class Trainer:
         from megatron_dispo.models.checkpoint import save_checkpoint
         from megatron_dispo.models.convert_cli import HF_SUBDIR
 
-        local = {"next_step": step + 1, **self.collector.state_dict()} if self.collector is not None else None
-        state = _broadcast_object(local)
+        state = _broadcast_object(self._checkpoint_state(step))
 
         def write_model(path: Path) -> None:
             save_checkpoint(
@@ -365,6 +375,10 @@ class Trainer:
                 self.tokenizer.save_pretrained(str(path / HF_SUBDIR))
 
         self.checkpoints.save(step, state, write_model)
+
+    def _checkpoint_state(self, step: int) -> dict[str, Any] | None:
+        """The engine rank's run state at checkpoint ``step`` (next step, data order); None on the other ranks."""
+        return {"next_step": step + 1, **self.collector.state_dict()} if self.collector is not None else None
 
     def _resume(self) -> None:
         from megatron_dispo.models.checkpoint import latest_checkpoint, load_checkpoint
@@ -449,7 +463,8 @@ class Trainer:
 
         if self.logger is not None:
             self.logger.close()
-        self.engine.shutdown()
+        if self.engine is not None:  # None on the training ranks of a dedicated-placement job
+            self.engine.shutdown()
         destroy_parallel()
 
 

@@ -21,6 +21,7 @@ FINISH_REASONS: tuple[str, ...] = ("stop", "length", "repetition")
 """Finish-reason codes of :attr:`StepBatch.finish_codes` (index into this tuple)."""
 
 _HEADER_FIELDS = 3  # sequences, total tokens, total response tokens
+_PER_SEQUENCE_FIELDS = 6  # prompt_lens, response_lens, correct, valid, finish_codes, policy_version
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,12 @@ class StepBatch:
     """bool [N]: False for samples the verifier-failure policy drops from their group."""
     finish_codes: torch.Tensor
     """int8 [N]: index into :data:`FINISH_REASONS`."""
+    policy_version: torch.Tensor | None = None
+    """int64 [N]: updates the generating policy had completed (dedicated rollout ranks); None means all 0."""
+
+    def __post_init__(self) -> None:
+        if self.policy_version is None:
+            object.__setattr__(self, "policy_version", torch.zeros(self.num_sequences, dtype=torch.int64))
 
     @classmethod
     def from_sequences(
@@ -115,20 +122,31 @@ def broadcast_step_batch(batch: StepBatch | None, *, src: int = 0, group: dist.P
         header[:] = torch.tensor([batch.num_sequences, batch.tokens.numel(), batch.rollout_logprobs.numel()])
     dist.broadcast(header, src=src, group=group)
     count, num_tokens, num_response_tokens = header.tolist()
-    # every per-sequence field travels in one int64 tensor: [prompt_lens; response_lens; correct; valid; finish]
-    per_sequence = torch.empty((5, count), dtype=torch.int64)
+    # every per-sequence field travels in one int64 tensor (pack_per_sequence)
+    per_sequence = torch.empty((_PER_SEQUENCE_FIELDS, count), dtype=torch.int64)
     tokens = torch.empty(num_tokens, dtype=torch.int64)
     logprobs = torch.empty(num_response_tokens, dtype=torch.float32)
     if is_src:
         assert batch is not None
-        flags = (batch.correct, batch.valid, batch.finish_codes)
-        per_sequence = torch.stack([batch.prompt_lens, batch.response_lens, *(f.long() for f in flags)])
+        per_sequence = pack_per_sequence(batch)
         tokens, logprobs = batch.tokens, batch.rollout_logprobs
     for tensor in (per_sequence, tokens, logprobs):
         dist.broadcast(tensor, src=src, group=group)
     if is_src:
         assert batch is not None
         return batch
+    return unpack_step_batch(tokens, per_sequence, logprobs)
+
+
+def pack_per_sequence(batch: StepBatch) -> torch.Tensor:
+    """Every per-sequence field in one int64 tensor [6, N]: prompt/response lengths, correct, valid, finish, version."""
+    flags = (batch.correct, batch.valid, batch.finish_codes)
+    assert batch.policy_version is not None
+    return torch.stack([batch.prompt_lens, batch.response_lens, *(f.long() for f in flags), batch.policy_version])
+
+
+def unpack_step_batch(tokens: torch.Tensor, per_sequence: torch.Tensor, logprobs: torch.Tensor) -> StepBatch:
+    """Inverse of :func:`pack_per_sequence` plus the two packed payload tensors."""
     return StepBatch(
         tokens=tokens,
         prompt_lens=per_sequence[0].clone(),
@@ -137,4 +155,5 @@ def broadcast_step_batch(batch: StepBatch | None, *, src: int = 0, group: dist.P
         correct=per_sequence[2].bool(),
         valid=per_sequence[3].bool(),
         finish_codes=per_sequence[4].to(torch.int8),
+        policy_version=per_sequence[5].clone(),
     )
