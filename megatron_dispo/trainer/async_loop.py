@@ -42,7 +42,6 @@ from megatron_dispo.trainer.step_batch import (
     pack_per_sequence,
     unpack_step_batch,
 )
-from megatron_dispo.trainer.step_metrics import mismatch_metrics
 
 __all__ = ["AsyncTrainer", "RolloutWorker", "run_dedicated", "staleness_metrics"]
 
@@ -197,16 +196,9 @@ class AsyncTrainer(Trainer):
         metrics["perf/time/wait_for_rollout_s"] = wait
         metrics["rollout/dynamic_sampling/empty_batch"] = float(batch.num_sequences == 0)
         if batch.num_sequences:
-            advantages, reward_stats = self._advantages(batch)
-            metrics.update(reward_stats)
-            plan = self._plan_updates(batch)
-            with timer.phase("logprob"):
-                old_logprobs = self._old_logprobs(batch, plan)
-            with timer.phase("update"):
-                train_metrics = self._update(batch, plan, old_logprobs, advantages)
-            metrics.update(train_metrics)
-            metrics.update(mismatch_metrics(old_logprobs, batch.rollout_logprobs_per_sequence(), self.policy))
-            metrics.update(staleness_metrics(step - 1, batch, train_metrics))
+            learned = self._learn(batch, timer)
+            metrics.update(learned)
+            metrics.update(staleness_metrics(step - 1, batch, learned))
         else:
             self._warn_empty_batch(step)
         # version `step` exists now; the rollout rank needs it for batch step+1+k, or to evaluate it

@@ -161,14 +161,7 @@ class Trainer:
             return metrics
         with timer.phase("sleep"):
             self._engine_sleep()
-        advantages, reward_stats = self._advantages(batch)
-        metrics.update(reward_stats)
-        plan = self._plan_updates(batch)
-        with timer.phase("logprob"):
-            old_logprobs = self._old_logprobs(batch, plan)
-        with timer.phase("update"):
-            metrics.update(self._update(batch, plan, old_logprobs, advantages))
-        metrics.update(mismatch_metrics(old_logprobs, batch.rollout_logprobs_per_sequence(), self.policy))
+        metrics.update(self._learn(batch, timer))
         with timer.phase("wake"):
             self._engine_wake(("weights",))  # the KV cache wakes after the refit (engine.score / generate)
         with timer.phase("refit"):
@@ -177,6 +170,17 @@ class Trainer:
         # the rollout phase's time is the engine's: verification is reported on its own (perf/time/reward_s)
         metrics["perf/time/rollout_s"] -= metrics.get("perf/time/reward_s", 0.0)
         metrics["perf/time/step_s"] = time.perf_counter() - started
+        return metrics
+
+    def _learn(self, batch: StepBatch, timer: PhaseTimer) -> dict[str, float]:
+        """Rewards -> advantages -> pi_old -> K updates on one batch: its reward, ``train/`` and mismatch metrics."""
+        advantages, metrics = self._advantages(batch)
+        plan = self._plan_updates(batch)
+        with timer.phase("logprob"):
+            old_logprobs = self._old_logprobs(batch, plan)
+        with timer.phase("update"):
+            metrics.update(self._update(batch, plan, old_logprobs, advantages))
+        metrics.update(mismatch_metrics(old_logprobs, batch.rollout_logprobs_per_sequence(), self.policy))
         return metrics
 
     def _rollout(self, step: int) -> tuple[StepBatch, dict[str, float]]:
