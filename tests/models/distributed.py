@@ -37,7 +37,8 @@ def _worker_main(
 ) -> None:  # pragma: no cover - runs in the child
     from megatron_dispo.lifetime import die_with_parent
 
-    die_with_parent(int(env["_LAUNCHER_PID"]))  # a killed test run leaves no worker (nor its resource tracker) behind
+    # a killed test run leaves no worker (nor its resource tracker) behind; hand-built launches pass no launcher pid
+    die_with_parent(int(env.get("_LAUNCHER_PID", os.getppid())))
     os.environ.update(env)
     os.environ["RANK"] = str(rank)
     os.environ["LOCAL_RANK"] = str(rank)
