@@ -28,7 +28,7 @@ STUDY = REPO_ROOT / "examples" / "replication"
 ARMS = ("dispo", "cispo", "dapo")
 """Fig. 5's arms: enough to prove the one command trains, summarises, pairs claims and draws figures."""
 SMOKE = [
-    "--seeds", "0", "--steps", "2", "--arms", *ARMS,
+    "--seeds", "0", "--arms", *ARMS, "--steps", "2",  # --steps ends the --arms list before the overrides
     "trainer.prompts_per_step=4", "trainer.num_minibatches=2", "algorithm.group_size=4", "rollout.max_new_tokens=16",
     "algorithm.dynamic_sampling.max_rounds=4", "eval.n=2",
     "data.heldout={kind: synthetic_arithmetic, difficulty: 1, num_problems: 8, seed: 2}",
