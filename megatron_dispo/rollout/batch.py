@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
 
 FinishReason = Literal["stop", "length", "repetition"]
+FINISH_REASONS: tuple[FinishReason, ...] = get_args(FinishReason)
+"""Every finish reason, in the order whose indices are the finish codes sent between ranks as tensors."""
 
 
 @dataclass

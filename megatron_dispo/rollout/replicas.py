@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from megatron_dispo.rollout.batch import FinishReason, RolloutBatch
+from megatron_dispo.rollout.batch import FINISH_REASONS, FinishReason, RolloutBatch
 from megatron_dispo.rollout.config import RolloutConfig
 from megatron_dispo.rollout.engine import _SAMPLING_OVERRIDES, RolloutEngine
 from megatron_dispo.rollout.placement import ReplicaPlacement, deal_groups, place_replicas
@@ -54,7 +54,6 @@ STARTUP_TIMEOUT = timedelta(minutes=30)
 
 _OP_RELEASE, _OP_GENERATE, _OP_SCORE = 0, 1, 2
 _HEADER_SIZE = 6  # op, number of sequences, n, driver's call index, sum of sequence lengths, has prompt_lens
-_FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "repetition")
 _MESSAGE_BYTES = 1024
 # report slots: failed flag, int payload size, float payload size, seconds (ns), three generate counters, message size
 _REPORT_SLOTS = 8
@@ -356,7 +355,7 @@ class ReplicatedEngine:
                 )
             # an empty share still counts as a call, so that call indices stay equal on every rank
             batch = local.generate([prompts[i] for i in mine], n, prompt_indices=mine, **overrides)
-            finish = [_FINISH_REASONS.index(reason) for reason in batch.finish_reason]
+            finish = [FINISH_REASONS.index(reason) for reason in batch.finish_reason]
             report.ints = torch.cat(
                 [
                     torch.tensor(batch.response_lengths, dtype=torch.int64),
@@ -405,7 +404,7 @@ class ReplicatedEngine:
             for k, slot in enumerate(slots):
                 response_ids[slot] = ids[k].tolist()
                 response_logprobs[slot] = logprobs[k].tolist()
-                finish[slot] = _FINISH_REASONS[codes[k]]
+                finish[slot] = FINISH_REASONS[codes[k]]
             seconds = int(rows[leader, 3]) / 1e9
             replica_seconds.append(seconds)
             stats[f"rollout/replica{replica}/tokens"] = float(sum(lengths))
@@ -419,7 +418,7 @@ class ReplicatedEngine:
             "rollout/seconds": seconds,
             "rollout/tokens_per_s": num_tokens / seconds if seconds > 0 else 0.0,
             "rollout/responses": float(total),
-            **{f"rollout/finish/{reason}": float(finish.count(reason)) for reason in _FINISH_REASONS},
+            **{f"rollout/finish/{reason}": float(finish.count(reason)) for reason in FINISH_REASONS},
             _REPETITION_STATS[0]: float(counters[0]),
             _REPETITION_STATS[1]: float(counters[1]),
             _DROPPED_STAT: float(counters[2]),

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-FINISH_REASONS: tuple[str, ...] = ("stop", "length", "repetition")
-"""Finish-reason codes of :attr:`StepBatch.finish_codes` (index into this tuple)."""
+from megatron_dispo.rollout.batch import FINISH_REASONS
 
 _HEADER_FIELDS = 3  # sequences, total tokens, total response tokens
 _PER_SEQUENCE_FIELDS = 6  # prompt_lens, response_lens, correct, valid, finish_codes, policy_version
