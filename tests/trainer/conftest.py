@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,26 @@ def run_train(*args: str, nproc: int = 1, timeout: float = 300.0) -> subprocess.
     if proc.returncode != 0:
         raise AssertionError(f"training failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def one_process_run(warm_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 1-process colocated reference run, trained once per session: every layout, placement and resume test
+    compares against it. 4 steps of ``FAST``, a checkpoint every 2 steps, the refit probe checked after every refit."""
+    run_dir = tmp_path_factory.mktemp("one_process")
+    run_train(f"model.hf_path={warm_tiny_model}", f"trainer.run_dir={run_dir}", "trainer.max_steps=4",
+              "trainer.checkpoint_every=2", "refit.check_every=1", *FAST)  # fmt: skip
+    return run_dir
+
+
+def copy_run_until(run_dir: Path, into: Path, step: int) -> Path:
+    """A copy of ``run_dir`` as a run stopped after ``step`` would have left it: the checkpoints after ``step`` are
+    removed (the metrics file is truncated by the resume itself). Resuming it must reproduce ``run_dir``'s later steps,
+    which is what an interrupted run would do, without training the first ``step`` steps a second time."""
+    shutil.copytree(run_dir, into, dirs_exist_ok=True)
+    for checkpoint in (into / "checkpoints").glob("step_*"):
+        if int(checkpoint.name.removeprefix("step_")) > step:
+            shutil.rmtree(checkpoint)
+    assert (into / "checkpoints" / f"step_{step:06d}").is_dir(), f"{run_dir} has no checkpoint at step {step}"
+    (into / "checkpoints" / "latest").write_text(str(step), encoding="utf-8")
+    return into

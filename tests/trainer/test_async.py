@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from megatron_dispo.config import load_run_config
 from megatron_dispo.config_loader import ConfigError
 from megatron_dispo.trainer.metrics import read_metrics
-from tests.trainer.conftest import FAST, TINY_CONFIG, run_train
+from tests.trainer.conftest import FAST, TINY_CONFIG, copy_run_until, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
 
@@ -36,13 +38,21 @@ def _run(model, run_dir, *args: str, nproc: int) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def colocated(warm_tiny_model, tmp_path_factory) -> dict[int, dict]:
-    return _run(warm_tiny_model, tmp_path_factory.mktemp("colocated"), nproc=1)
+def colocated(one_process_run) -> dict[int, dict]:
+    """The session's 1-process colocated run: the same FAST config, STEPS steps, refit probe on every refit."""
+    return _by_step(one_process_run)
 
 
 @pytest.fixture(scope="module")
-def dedicated_k0(warm_tiny_model, tmp_path_factory) -> dict[int, dict]:
-    return _run(warm_tiny_model, tmp_path_factory.mktemp("k0"), "rollout.placement=dedicated", nproc=2)
+def dedicated_k0_dir(warm_tiny_model, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("k0")
+    _run(warm_tiny_model, run_dir, "rollout.placement=dedicated", "trainer.checkpoint_every=2", nproc=2)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def dedicated_k0(dedicated_k0_dir) -> dict[int, dict]:
+    return _by_step(dedicated_k0_dir)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +101,12 @@ def test_staleness_needs_dedicated_placement() -> None:
         load_run_config(TINY_CONFIG, ["trainer.max_staleness=1"])
 
 
-def test_k0_resume_continues_exactly(dedicated_k0, warm_tiny_model, tmp_path) -> None:
-    """Resume in dedicated placement: the rollout rank gets the data order and weights of the checkpoint's step."""
+def test_k0_resume_continues_exactly(dedicated_k0_dir, dedicated_k0, warm_tiny_model, tmp_path) -> None:
+    """Resume in dedicated placement from the k=0 run's step-2 checkpoint (as if it had stopped there): the rollout
+    rank gets the data order and weights of the checkpoint's step, so steps 3 and 4 are the uninterrupted run's."""
+    copy_run_until(dedicated_k0_dir, tmp_path, step=2)
     args = ("rollout.placement=dedicated", "trainer.checkpoint_every=2")
     common = (f"model.hf_path={warm_tiny_model}", f"trainer.run_dir={tmp_path}", *FAST, "refit.check_every=1", *args)
-    run_train(*common, "trainer.max_steps=2", nproc=2, timeout=420)
     run_train(*common, f"trainer.max_steps={STEPS}", "trainer.resume=true", nproc=2, timeout=420)
     resumed = _by_step(tmp_path)
     assert sorted(resumed) == list(range(STEPS + 1))

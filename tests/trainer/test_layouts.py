@@ -51,8 +51,12 @@ def _assert_same_step(got: dict[str, float], want: dict[str, float]) -> None:
 
 # --- dense ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def dense_baseline(warm_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
-    return _step1(warm_tiny_model, tmp_path_factory.mktemp("dense_1p"))
+def dense_baseline(one_process_run: Path) -> dict[str, float]:
+    """Step 1 of the session's 1-process run of the same config (its held-out eval does not touch the training
+    samples: every rollout request has its own seed)."""
+    (record,) = [r for r in read_metrics(one_process_run) if int(r["step"]) == 1]
+    assert record["rollout/dynamic_sampling/empty_batch"] == 0, "no group kept: nothing to compare"
+    return record
 
 
 @pytest.mark.parametrize("layout", [TP2_SP, ("model.parallel.pipeline_model_parallel_size=2",)], ids=["tp2_sp", "pp2"])

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_dispo.trainer.metrics import read_metrics
-from tests.trainer.conftest import FAST, run_train, train_command
+from tests.trainer.conftest import FAST, copy_run_until, run_train, train_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
 
@@ -36,11 +36,9 @@ def _compared(record):
 
 
 @pytest.fixture(scope="module")
-def full_run(warm_tiny_model, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("full")
-    run_train(f"model.hf_path={warm_tiny_model}", f"trainer.run_dir={run_dir}", "trainer.max_steps=4",
-              "trainer.checkpoint_every=2", *FAST)  # fmt: skip
-    return run_dir
+def full_run(one_process_run):
+    """The session's 1-process reference run (4 steps, checkpoints at steps 2 and 4)."""
+    return one_process_run
 
 
 def test_single_process_run_has_finite_metrics_and_learns(full_run):
@@ -92,9 +90,11 @@ def test_trainer_checkpoint_exports_to_hf(full_run, warm_tiny_model, tmp_path):
 
 
 def test_resume_continues_exactly(full_run, warm_tiny_model, tmp_path):
-    common = [f"model.hf_path={warm_tiny_model}", f"trainer.run_dir={tmp_path}", "trainer.checkpoint_every=2", *FAST]
-    run_train(*common, "trainer.max_steps=2")
-    run_train(*common, "trainer.max_steps=4", "trainer.resume=true")
+    """Resume the reference run from its step-2 checkpoint (as if it had stopped there): steps 3 and 4 must be its own.
+    (A run that really stops and resumes is the SIGKILL test below.)"""
+    copy_run_until(full_run, tmp_path, step=2)
+    run_train(f"model.hf_path={warm_tiny_model}", f"trainer.run_dir={tmp_path}", "trainer.checkpoint_every=2",
+              "refit.check_every=1", *FAST, "trainer.max_steps=4", "trainer.resume=true")  # fmt: skip
     resumed, full = _by_step(tmp_path), _by_step(full_run)
     assert sorted(resumed) == [0, 1, 2, 3, 4]
     for step in (3, 4):
