@@ -19,7 +19,7 @@ from megatron_dispo.algorithms.loss_config import PolicyLossConfig
 from megatron_dispo.algorithms.presets import get_preset, preset_names
 from megatron_dispo.algorithms.shaping import OverlongConfig
 from megatron_dispo.config_loader import ConfigError, load_config
-from megatron_dispo.models.config import OptimizerSettings, ParallelConfig
+from megatron_dispo.models.config import MoeRoutingReplay, OptimizerSettings, ParallelConfig, RoutingReplayConfig
 from megatron_dispo.refit.config import RefitConfig
 from megatron_dispo.rewards.config import RewardConfig
 from megatron_dispo.rollout.config import RolloutConfig
@@ -100,6 +100,13 @@ class ModelConfig:
     fp8: Literal["e4m3", "hybrid"] | None = None
     """Transformer Engine FP8 format (needs TE and a GPU)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe_routing_replay: MoeRoutingReplay = "none"
+    """MoE rollout routing replay (R3, arXiv 2510.11370). ``rollout``: the trainer's pi_old and update forwards use
+    the experts the engine routed each token to (turns on ``rollout.capture_routed_experts``); ``none``: the trainer
+    routes itself."""
+
+    def __post_init__(self) -> None:
+        RoutingReplayConfig(self.moe_routing_replay)  # validates the value
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        if self.model.moe_routing_replay == "rollout" and not self.rollout.capture_routed_experts:
+            # one switch for the user: replay needs the engine's routing, so the engine records it
+            object.__setattr__(self, "rollout", dataclasses.replace(self.rollout, capture_routed_experts=True))
         if self.trainer.max_staleness > 0 and self.rollout.placement != "dedicated":
             raise ValueError(
                 f"trainer.max_staleness={self.trainer.max_staleness} needs rollout.placement=dedicated (a colocated "
@@ -266,6 +276,17 @@ class Config:
             )
         except ValueError as exc:
             raise ConfigError(f"model.parallel (world size {world_size}): {exc}") from exc
+        has_experts = bool(int(getattr(hf_config, "num_experts", 0) or 0))
+        if hf_config is not None and self.rollout.capture_routed_experts and not has_experts:
+            field_name = (
+                "model.moe_routing_replay"
+                if self.model.moe_routing_replay != "none"
+                else "rollout.capture_routed_experts"
+            )
+            raise ConfigError(
+                f"{field_name} needs a MoE model but {self.model.hf_path} "
+                f"(model_type={getattr(hf_config, 'model_type', '?')!r}) has no experts; switch it off."
+            )
         model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
         dp_size = world_size // model_parallel
         per_minibatch = self.trainer.prompts_per_step // self.trainer.num_minibatches

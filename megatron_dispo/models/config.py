@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 __all__ = ["OptimizerSettings", "ParallelConfig"]
 
@@ -157,3 +158,32 @@ class OptimizerSettings:
             raise ValueError(f"weight_decay={self.weight_decay} must be >= 0; the paper uses 0.1.")
         if self.clip_grad < 0:
             raise ValueError(f"clip_grad={self.clip_grad} must be >= 0 (0 disables clipping); the paper uses 1.0.")
+
+
+MoeRoutingReplay = Literal["none", "rollout"]
+
+
+@dataclass(frozen=True)
+class RoutingReplayConfig:
+    """Model-side R3 switch; the trainer owner mirrors it as ``config.ModelConfig.moe_routing_replay``."""
+
+    moe_routing_replay: MoeRoutingReplay = "none"
+    """``none``: the trainer routes every token itself. ``rollout``: replay the experts the rollout engine chose for
+    each token (needs ``RolloutConfig.capture_routed_experts=True`` and a MoE model)."""
+
+    def __post_init__(self) -> None:
+        if self.moe_routing_replay not in ("none", "rollout"):
+            raise ValueError(f"moe_routing_replay={self.moe_routing_replay!r} must be 'none' or 'rollout'.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.moe_routing_replay == "rollout"
+
+    def check_model(self, hf_config: Any) -> None:
+        """Raise for ``rollout`` on a model without MoE layers (nothing to replay)."""
+        if self.enabled and not int(getattr(hf_config, "num_experts", 0) or 0):
+            model_type = getattr(hf_config, "model_type", "?")
+            raise ValueError(
+                f"moe_routing_replay='rollout' needs a MoE model but model_type={model_type!r} has no experts; "
+                "set model.moe_routing_replay='none'."
+            )

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_dispo.models.routing_replay import align_routed_experts
+
 __all__ = ["MicroBatch", "build_microbatch"]
 
 
@@ -34,6 +36,9 @@ class MicroBatch:
     """[n] per-sequence advantage."""
     pad_token_id: int = 0
     """Id used for right padding; the policy pads further with it (sequence parallelism needs T % TP == 0)."""
+    routed_experts: torch.Tensor | None = None
+    """MoE only: int64 [n, T, moe_layers, top_k] experts the rollout engine routed input token j to (``NO_ROUTE``
+    where it reported none), for routing replay and the router-agreement metric (``models/routing_replay.py``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -49,9 +54,11 @@ def build_microbatch(
     old_logprobs: Sequence[Sequence[float]] | Mapping[int, Sequence[float]] | None = None,
     advantages: torch.Tensor | None = None,
     pad_to_multiple_of: int = 1,
+    routed_experts: Sequence[torch.Tensor] | None = None,
 ) -> MicroBatch:
     """Pad the chosen sequences into tensors; ``old_logprobs[i]`` holds one value per response token of sequence i
-    (a list indexed by sequence, or a mapping holding at least the chosen sequences)."""
+    (a list indexed by sequence, or a mapping holding at least the chosen sequences); ``routed_experts[i]`` is
+    sequence i's engine routing ``[tokens, moe_layers, top_k]``, row j for input token j."""
     lengths = [len(prompt_ids[i]) + len(response_ids[i]) for i in indices]
     width = max(lengths)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -76,4 +83,9 @@ def build_microbatch(
                 )
             old[row, start:stop] = torch.as_tensor(values, dtype=torch.float32)
     adv = advantages[list(indices)].to(torch.float32) if advantages is not None else None
-    return MicroBatch(tuple(indices), input_ids, mask, old, adv, pad_token_id)
+    routed = None
+    if routed_experts is not None:
+        chosen = [routed_experts[i] for i in indices]
+        layers, top_k = chosen[0].shape[1:]
+        routed = align_routed_experts(chosen, width, num_layers=int(layers), top_k=int(top_k))
+    return MicroBatch(tuple(indices), input_ids, mask, old, adv, pad_token_id, routed)

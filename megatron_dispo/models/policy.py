@@ -32,6 +32,7 @@ from megatron_dispo.models.optimizer import OptimizerSettings, build_optimizer, 
 from megatron_dispo.models.parallel import ParallelConfig
 from megatron_dispo.models.prefix_sharing import shared_prefix_logits
 from megatron_dispo.models.prefix_sharing import supported as prefix_sharing_supported
+from megatron_dispo.models.routing_replay import NO_ROUTE, RoutingCounts, observe_routing
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -48,7 +49,10 @@ class MegatronPolicy:
         params_dtype: Literal["float32", "bfloat16"] = "float32",
         temperature: float = 1.0,
         fp8: str | None = None,
+        routing_replay: bool = False,
     ) -> None:
+        """``routing_replay``: forwards of micro-batches that carry the engine's routing use those experts (R3);
+        without it that routing only feeds the router-agreement metric."""
         from megatron.core import parallel_state
         from transformers import AutoConfig
 
@@ -56,6 +60,7 @@ class MegatronPolicy:
         self.hf_config = AutoConfig.from_pretrained(str(self.hf_dir))
         self.parallel = parallel
         self.temperature = temperature
+        self.routing_replay = routing_replay
         model = build_model(
             self.hf_config, parallel, params_dtype=DTYPES[params_dtype], fp8=fp8, initialize=False,
             calculate_per_token_loss=True,
@@ -73,6 +78,7 @@ class MegatronPolicy:
         self._pp_last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         # sequence parallelism splits the sequence over TP: micro-batches are padded to a multiple of TP here
         self._sp_multiple = parallel.tensor_model_parallel_size if self.model.config.sequence_parallel else 1
+        self._tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.device = next(self.model.parameters()).device
         self.dp_group = parallel_state.get_data_parallel_group()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -83,11 +89,13 @@ class MegatronPolicy:
     def _device_batch(self, batch: MicroBatch) -> MicroBatch:
         """The micro-batch on the model's device, input_ids right-padded to a multiple of TP under sequence
         parallelism (Megatron splits the sequence over TP ranks; causal attention keeps the real positions exact)."""
-        input_ids = batch.input_ids
+        input_ids, routed = batch.input_ids, batch.routed_experts
         width = input_ids.shape[1]
         if self._sp_multiple > 1 and width % self._sp_multiple:
             padded = -(-width // self._sp_multiple) * self._sp_multiple
             input_ids = torch.nn.functional.pad(input_ids, (0, padded - width), value=batch.pad_token_id)
+            if routed is not None:
+                routed = torch.nn.functional.pad(routed, (0, 0, 0, 0, 0, padded - width), value=NO_ROUTE)
 
         def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(self.device, non_blocking=True)
@@ -98,6 +106,7 @@ class MegatronPolicy:
             response_mask=move(batch.response_mask),
             old_logprobs=move(batch.old_logprobs),
             advantages=move(batch.advantages),
+            routed_experts=move(routed),
         )
 
     def _token_logprobs(
@@ -122,6 +131,7 @@ class MegatronPolicy:
         *,
         forward_only: bool,
         aux_loss_scale: float | None = None,
+        routing: RoutingCounts | None = None,
     ) -> None:
         """Forward (and backward) over ``batches`` through Megatron's pipeline schedule (PP = 1 included).
 
@@ -129,17 +139,22 @@ class MegatronPolicy:
         loss function, and returns micro-batch i's loss (already normalised by the global token count; the
         schedule adds no scaling because the model has ``calculate_per_token_loss``); it keeps whatever else it
         needs itself. ``aux_loss_scale``: the MoE load-balancing loss weight of each micro-batch (see
-        :class:`_SetAuxLossScale`).
+        :class:`_SetAuxLossScale`). Micro-batches carrying the engine's routing are replayed (``routing_replay``)
+        or observed; ``routing`` accumulates how the routers matched it on the response tokens.
         """
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device_batches = [self._device_batch(batch) for batch in batches]
         last_stage = parallel_state.is_pipeline_last_stage()
+        flags: list[torch.Tensor | None] = [None] * len(device_batches)
 
         def forward_step(data_iterator: Iterator[tuple[int, MicroBatch]], model: torch.nn.Module) -> tuple:
             index, batch = next(data_iterator)
-            output = model_forward_logits(model, batch.input_ids)
+            with observe_routing(model, batch.routed_experts, replay=self.routing_replay) as observed:
+                output = model_forward_logits(model, batch.input_ids)
+            if observed is not None and routing is not None:
+                flags[index] = observed.token_flags()
             aux_scale = None
             if aux_loss_scale is not None:
                 # In per-token-loss mode Megatron's router multiplies its loss by the tokens it saw on this rank
@@ -166,6 +181,40 @@ class MegatronPolicy:
             micro_batch_size=max(batch.input_ids.shape[0] for batch in device_batches),
             forward_only=forward_only,
         )
+        if routing is not None and any(flag is not None for flag in flags):
+            routing.add(*self._routing_totals(device_batches, flags))
+
+    def _routing_totals(
+        self, batches: Sequence[MicroBatch], flags: Sequence[torch.Tensor | None]
+    ) -> tuple[float, float, float]:
+        """(tokens, agree, replayed_exact) over the response positions of every DP rank's micro-batches.
+
+        Each rank's flags cover its own layers (pipeline stage) and sequence shard (SP): they are completed to whole
+        sequences and AND-ed (MIN) over the TP and pipeline groups, so "every layer" means every layer of the model.
+        """
+        pieces, valid = [], []
+        for batch, flag in zip(batches, flags, strict=True):
+            rows, width = batch.input_ids.shape
+            full = torch.ones((3, rows, width), dtype=torch.long, device=self.device)
+            if flag is not None:
+                offset = self._tp_rank * flag.shape[2] if self._sp_multiple > 1 else 0
+                full[:, :, offset : offset + flag.shape[2]] = flag.to(self.device)
+            pieces.append(full.reshape(3, -1))
+            mask = batch.response_mask > 0  # [n, T-1]: position j's routing scored target token j + 1
+            valid.append(torch.nn.functional.pad(mask, (0, width - mask.shape[1])).reshape(-1))
+        stacked = torch.cat(pieces, dim=1)
+        if self._sp_multiple > 1 and self._tp_group is not None:
+            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MIN, group=self._tp_group)
+        if self._pp_group is not None:
+            torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MIN, group=self._pp_group)
+        recorded = stacked[0].bool() & torch.cat(valid)
+        totals = torch.stack(
+            [recorded.sum(), (recorded & stacked[1].bool()).sum(), (recorded & stacked[2].bool()).sum()]
+        ).to(torch.float64)
+        if self.dp_size > 1:
+            torch.distributed.all_reduce(totals, group=self.dp_group)
+        tokens, agree, exact = totals.tolist()
+        return tokens, agree, exact
 
     def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` as the last pipeline stage holds it, on every stage (same shape everywhere; no-op at PP=1)."""
@@ -192,10 +241,15 @@ class MegatronPolicy:
 
     @torch.no_grad()
     def response_logprobs(
-        self, batches: Sequence[MicroBatch], *, temperature: float | None = None
+        self,
+        batches: Sequence[MicroBatch],
+        *,
+        temperature: float | None = None,
+        routing: RoutingCounts | None = None,
     ) -> dict[int, torch.Tensor]:
         """pi_old of every response token: {sequence index: per-token log-probs}, one forward per micro-batch
-        (forward-only pipeline schedule); every pipeline stage returns the same values."""
+        (forward-only pipeline schedule); every pipeline stage returns the same values. ``routing`` accumulates the
+        router agreement of micro-batches that carry the engine's routing."""
         if not batches:
             return {}
         self.model.eval()
@@ -205,7 +259,7 @@ class MegatronPolicy:
             values[index], _ = self._token_logprobs(batch, logits, with_entropy=False, temperature=temperature)
             return torch.zeros((), device=logits.device)
 
-        self._run_schedule(batches, store, forward_only=True)
+        self._run_schedule(batches, store, forward_only=True, routing=routing)
         out: dict[int, torch.Tensor] = {}
         for batch, logprobs in zip(batches, self._logprobs_of_all_stages(batches, values), strict=True):
             out.update(response_values(batch, logprobs))
@@ -264,6 +318,7 @@ class MegatronPolicy:
         correct: Sequence[torch.Tensor | None] | None = None,
         token_advantages: Sequence[torch.Tensor | None] | None = None,
         captured_old_logprobs: dict[int, torch.Tensor] | None = None,
+        routing: RoutingCounts | None = None,
     ) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches of a mini-batch; metrics are global (all DP ranks).
 
@@ -272,7 +327,8 @@ class MegatronPolicy:
 
         A micro-batch without ``old_logprobs`` is trained on-policy: before this step's first update the policy *is*
         pi_old, so its own detached log-probs serve as pi_old (r = 1 exactly) and the separate no-grad pi_old forward
-        for that mini-batch is saved. They are stored per sequence in ``captured_old_logprobs`` when given.
+        for that mini-batch is saved. They are stored per sequence in ``captured_old_logprobs`` when given, and
+        ``routing`` accumulates the router agreement of that pi_old forward.
         """
         self.model.train()
         zero_grads([self.model], self.optimizer)
@@ -308,7 +364,7 @@ class MegatronPolicy:
 
         # the router's load-balancing loss is a per-micro-batch mean: weight it so the step sees its average
         aux_scale = 1.0 / (len(batches) * self.dp_size) if self.is_moe else None
-        self._run_schedule(batches, loss_of, forward_only=False, aux_loss_scale=aux_scale)
+        self._run_schedule(batches, loss_of, forward_only=False, aux_loss_scale=aux_scale, routing=routing)
         result = finalize_and_step([self.model], self.optimizer)
         totals = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
         if all(p is not None for p in packed):

@@ -23,11 +23,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import torch
 
-MoeRoutingReplay = Literal["none", "rollout"]
+from megatron_dispo.models.config import MoeRoutingReplay, RoutingReplayConfig
+
 NO_ROUTE = -1
 """Expert id marking a token/layer without a recorded choice: that token is routed by the trainer's own router."""
 
@@ -35,39 +35,16 @@ __all__ = [
     "NO_ROUTE",
     "MoeRoutingReplay",
     "RoutingAgreement",
+    "RoutingCounts",
+    "RoutingObservation",
     "RoutingReplayConfig",
     "align_routed_experts",
     "moe_routers",
+    "observe_routing",
     "record_routing",
     "replay_routing",
     "routing_agreement",
 ]
-
-
-@dataclass(frozen=True)
-class RoutingReplayConfig:
-    """Model-side R3 switch; the trainer owner mirrors it as ``config.ModelConfig.moe_routing_replay``."""
-
-    moe_routing_replay: MoeRoutingReplay = "none"
-    """``none``: the trainer routes every token itself. ``rollout``: replay the experts the rollout engine chose for
-    each token (needs ``RolloutConfig.capture_routed_experts=True`` and a MoE model)."""
-
-    def __post_init__(self) -> None:
-        if self.moe_routing_replay not in ("none", "rollout"):
-            raise ValueError(f"moe_routing_replay={self.moe_routing_replay!r} must be 'none' or 'rollout'.")
-
-    @property
-    def enabled(self) -> bool:
-        return self.moe_routing_replay == "rollout"
-
-    def check_model(self, hf_config: Any) -> None:
-        """Raise for ``rollout`` on a model without MoE layers (nothing to replay)."""
-        if self.enabled and not int(getattr(hf_config, "num_experts", 0) or 0):
-            model_type = getattr(hf_config, "model_type", "?")
-            raise ValueError(
-                f"moe_routing_replay='rollout' needs a MoE model but model_type={model_type!r} has no experts; "
-                "set model.moe_routing_replay='none'."
-            )
 
 
 def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -81,11 +58,14 @@ def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class _TokenReplay:
-    """Duck-typed stand-in for Megatron's ``RouterReplay`` on one router: forced rows use the target experts, rows
-    marked ``NO_ROUTE`` (all k entries) keep the default top-k. It also records the indices actually used."""
+    """Duck-typed stand-in for Megatron's ``RouterReplay`` on one router: with ``force``, rows of ``target`` use the
+    target experts and rows marked ``NO_ROUTE`` (all k entries) keep the default top-k. It records the router's own
+    top-k (``own``) and the indices actually used (``used``) of every forward."""
 
-    def __init__(self, target: torch.Tensor | None) -> None:
+    def __init__(self, target: torch.Tensor | None, force: bool = True) -> None:
         self.target = target
+        self.force = force
+        self.own: list[torch.Tensor] = []
         self.used: list[torch.Tensor] = []
 
     def get_replay_topk(
@@ -99,16 +79,18 @@ class _TokenReplay:
         if default_compute_topk is None:
             raise ValueError("Megatron's router did not pass its default top-k function; unsupported version.")
         probs, indices = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+        self.own.append(indices.detach())
         if self.target is not None:
             if self.target.shape != indices.shape:
                 raise ValueError(
                     f"replayed experts have shape {tuple(self.target.shape)} but the router routes "
                     f"{tuple(indices.shape)} (tokens x top_k) here; check the micro-batch alignment and SP slicing."
                 )
-            target = self.target.to(device=indices.device, dtype=indices.dtype)
-            forced = (target >= 0).all(dim=-1, keepdim=True)
-            indices = torch.where(forced, target, indices)
-            probs = scores.gather(1, indices)  # gradient flows into the router logits of the replayed experts
+            if self.force:
+                target = self.target.to(device=indices.device, dtype=indices.dtype)
+                forced = (target >= 0).all(dim=-1, keepdim=True)
+                indices = torch.where(forced, target, indices)
+                probs = scores.gather(1, indices)  # gradient flows into the router logits of the replayed experts
         self.used.append(indices.detach())
         return probs, indices
 
@@ -128,7 +110,9 @@ def _router_rows(routed: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
 
 
 @contextmanager
-def _installed(model: torch.nn.Module, targets: Sequence[torch.Tensor | None]) -> Iterator[list[_TokenReplay]]:
+def _installed(
+    model: torch.nn.Module, targets: Sequence[torch.Tensor | None], force: bool = True
+) -> Iterator[list[_TokenReplay]]:
     routers = moe_routers(model)
     if len(targets) != len(routers):
         raise ValueError(f"got routing for {len(targets)} MoE layers but the model has {len(routers)} routers here.")
@@ -137,7 +121,7 @@ def _installed(model: torch.nn.Module, targets: Sequence[torch.Tensor | None]) -
             raise ValueError("routing replay needs moe_router_fusion=False (the fused TE top-k bypasses the replay).")
         if getattr(router, "routing_type", "") == "sinkhorn":
             raise ValueError("routing replay supports top-k routers only, not sinkhorn load balancing.")
-    replays = [_TokenReplay(target) for target in targets]
+    replays = [_TokenReplay(target, force) for target in targets]
     saved = [router.router_replay for router in routers]
     try:
         for router, replay in zip(routers, replays, strict=True):
@@ -146,6 +130,17 @@ def _installed(model: torch.nn.Module, targets: Sequence[torch.Tensor | None]) -
     finally:
         for router, previous in zip(routers, saved, strict=True):
             router.router_replay = previous
+
+
+def _stage_layers(routers: Sequence[torch.nn.Module], num_layers: int) -> list[int]:
+    """Which entries of the engine's layer axis this pipeline stage's routers are: all of them when the stage holds
+    every MoE layer, else each router's global layer number (every decoder layer of Qwen3-MoE is a MoE layer)."""
+    if len(routers) == num_layers:
+        return list(range(num_layers))
+    layers = [int(router.layer_number) - 1 for router in routers]
+    if any(layer < 0 or layer >= num_layers for layer in layers):
+        raise ValueError(f"routing of {num_layers} MoE layers does not cover this stage's layers {layers}.")
+    return layers
 
 
 @contextmanager
@@ -157,8 +152,46 @@ def replay_routing(model: torch.nn.Module, routed_experts: torch.Tensor | None) 
     Keep the backward inside the block when activation recompute is on (the recomputed forward must replay too).
     Context parallelism is not supported (the router would see a zig-zag shard of the sequence).
     """
-    if routed_experts is None:
+    with observe_routing(model, routed_experts, replay=True):
         yield
+
+
+class RoutingObservation:
+    """What the routers of one forward did against the engine's routing (see :func:`observe_routing`)."""
+
+    def __init__(self, replays: Sequence[_TokenReplay], batch: int) -> None:
+        self._replays = replays
+        self._batch = batch
+
+    def token_flags(self) -> torch.Tensor:
+        """int64 ``[3, b, s_local]`` per token of the last forward, in batch layout (``s_local``: this rank's sequence
+        shard under SP): recorded (the engine reported every layer), agree (the router's own top-k set equals the
+        engine's in every layer of this stage), exact (the experts used equal the engine's in every layer)."""
+        if not self._replays or not self._replays[0].own:
+            raise ValueError("no forward ran inside observe_routing.")
+        recorded = agree = exact = None
+        for replay in self._replays:
+            assert replay.target is not None
+            target = replay.target.to(replay.own[-1].device).sort(dim=-1).values
+            layer_recorded = (target >= 0).all(dim=-1)
+            layer_agree = (replay.own[-1].sort(dim=-1).values == target).all(dim=-1)
+            layer_exact = (replay.used[-1].sort(dim=-1).values == target).all(dim=-1)
+            recorded = layer_recorded if recorded is None else recorded & layer_recorded
+            agree = layer_agree if agree is None else agree & layer_agree
+            exact = layer_exact if exact is None else exact & layer_exact
+        assert recorded is not None and agree is not None and exact is not None
+        flags = torch.stack([recorded, agree, exact]).long()  # [3, s_local * b], router order (s-major)
+        return flags.reshape(3, -1, self._batch).transpose(1, 2)
+
+
+@contextmanager
+def observe_routing(
+    model: torch.nn.Module, routed_experts: torch.Tensor | None, *, replay: bool
+) -> Iterator[RoutingObservation | None]:
+    """Like :func:`replay_routing` with ``replay=True``; with ``replay=False`` the routers route by themselves and
+    the engine's routing is only compared with theirs (the router-agreement metric). Yields None for ``None``."""
+    if routed_experts is None:
+        yield None
         return
     from megatron.core import parallel_state
 
@@ -170,9 +203,10 @@ def replay_routing(model: torch.nn.Module, routed_experts: torch.Tensor | None) 
     sequence_parallel = bool(routers and routers[0].config.sequence_parallel)
     if routers and routed_experts.shape[-1] != routers[0].topk:
         raise ValueError(f"routed_experts has top_k={routed_experts.shape[-1]} but the router's is {routers[0].topk}.")
-    targets = [_router_rows(routed_experts[:, :, layer], sequence_parallel) for layer in range(routed_experts.shape[2])]
-    with _installed(model, targets):
-        yield
+    layers = _stage_layers(routers, routed_experts.shape[2])
+    targets = [_router_rows(routed_experts[:, :, layer], sequence_parallel) for layer in layers]
+    with _installed(model, targets, force=replay) as replays:
+        yield RoutingObservation(replays, routed_experts.shape[0])
 
 
 @contextmanager
@@ -242,3 +276,30 @@ def routing_agreement(
         return RoutingAgreement(float("nan"), tuple(float("nan") for _ in range(layers)), 0)
     per_layer = tuple(float(value) for value in same.float().mean(dim=0))
     return RoutingAgreement(float(same.all(dim=1).float().mean()), per_layer, count)
+
+
+@dataclass
+class RoutingCounts:
+    """Response tokens of a pass with engine routing, and how many of them the trainer's routers matched."""
+
+    tokens: float = 0.0
+    """Response tokens whose routing the engine reported for every layer."""
+    agree: float = 0.0
+    """Of those, tokens whose router's own top-k set equals the engine's in every layer."""
+    replayed_exact: float = 0.0
+    """Of those, tokens whose experts used in the forward equal the engine's in every layer (all of them under R3)."""
+
+    def add(self, tokens: float, agree: float, replayed_exact: float) -> None:
+        self.tokens += tokens
+        self.agree += agree
+        self.replayed_exact += replayed_exact
+
+    def metrics(self) -> dict[str, float]:
+        """``routing/agreement`` and ``routing/replayed_exact`` (shares of ``routing/tokens``); empty without tokens."""
+        if self.tokens <= 0:
+            return {}
+        return {
+            "routing/tokens": self.tokens,
+            "routing/agreement": self.agree / self.tokens,
+            "routing/replayed_exact": self.replayed_exact / self.tokens,
+        }

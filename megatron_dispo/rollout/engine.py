@@ -33,7 +33,7 @@ from megatron_dispo.rollout.batch import FinishReason, RolloutBatch
 from megatron_dispo.rollout.config import RolloutConfig
 from megatron_dispo.rollout.placement import ReplicaPlacement
 from megatron_dispo.rollout.process_group import DefaultGroupGuard
-from megatron_dispo.rollout.routing_capture import RoutingCapture
+from megatron_dispo.rollout.routing_capture import NO_ROUTE, RoutingCapture
 from megatron_dispo.rollout.weights import validate_update, write_merged_checkpoint
 
 if TYPE_CHECKING:
@@ -213,6 +213,8 @@ class RolloutEngine:
             }
         if self.device == "cuda":
             kwargs |= {"gpu_memory_utilization": rollout.gpu_memory_utilization, "enable_sleep_mode": True}
+            if rollout.capture_routed_experts:  # vLLM's own routed-experts output (Model Runner V2, GPU only)
+                kwargs["enable_return_routed_experts"] = True
         else:
             # Seeded requests whose prompt is split by chunked prefill make vLLM rewind the request's generator
             # offset, which CPU generators do not support ("CPU Generator does not use offset"): prefill whole.
@@ -241,7 +243,7 @@ class RolloutEngine:
                 f"{rollout.max_model_len}, kv_cache_gib={rollout.kv_cache_gib}): {type(error).__name__}: {error}"
             ) from error
         logger.info("vLLM engine up in %.1f s (%s, %s)", time.perf_counter() - started, self.device, weights_dir)
-        if rollout.capture_routed_experts:  # re-bound on every (re)build: the hooks live in the engine's modules
+        if rollout.capture_routed_experts and self.device == "cpu":  # re-bound on every (re)build: hooks in modules
             self._routing_capture = RoutingCapture(llm)
         return llm
 
@@ -402,13 +404,19 @@ class RolloutEngine:
             finish_reasons.append(reason)
         group_index = [index for index in range(len(prompts)) for _ in range(n)]
         routed = None
+        prompt_lengths = [len(prompts[group]) for group in group_index]
         if self._routing_capture is not None:
             routed = self._routing_capture.routed_experts(
                 [output.request_id for output in outputs],
-                [len(prompts[group]) for group in group_index],
+                prompt_lengths,
                 [len(ids) for ids in response_ids],
                 group_index,
             )
+        elif self.config.capture_routed_experts:
+            routed = [
+                _vllm_routed_experts(output.outputs[0].routed_experts, prompt_len + len(ids) - 1, output.request_id)
+                for output, prompt_len, ids in zip(outputs, prompt_lengths, response_ids, strict=True)
+            ]
         # batch_decode([]) gives [""]: an empty request (a replica dealt no prompts) must give an empty batch
         texts = self._tokenizer.batch_decode(response_ids, skip_special_tokens=True) if response_ids else []
         num_tokens = sum(len(ids) for ids in response_ids)
@@ -560,3 +568,18 @@ class RolloutEngine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
+
+
+def _vllm_routed_experts(routed: Any, length: int, request_id: str) -> torch.Tensor:
+    """vLLM's ``CompletionOutput.routed_experts`` (numpy ``[tokens, layers, k]``, GPU engines with
+    ``enable_return_routed_experts``) as the capture's int16 ``[length, layers, k]``: rows past ``length`` (tokens
+    cut by repetition truncation) dropped, rows vLLM did not report left at ``NO_ROUTE``."""
+    if routed is None:
+        raise RuntimeError(f"vLLM returned no routed experts for request {request_id} although they were enabled.")
+    rows = torch.as_tensor(routed)
+    if rows.dim() != 3:
+        raise RuntimeError(f"vLLM returned routed experts of shape {tuple(rows.shape)}; expected [tokens, layers, k].")
+    out = torch.full((length, *rows.shape[1:]), NO_ROUTE, dtype=torch.int16)
+    kept = min(length, rows.shape[0])
+    out[:kept] = rows[:kept].to(torch.int16)
+    return out

@@ -182,6 +182,28 @@ def _decode_error(row: torch.Tensor) -> str | None:
     return bytes(row[_REPORT_SLOTS : _REPORT_SLOTS + size].tolist()).decode(errors="replace")
 
 
+def _routing_payload(routed: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    """A replica's captured routing appended to its int payload: (layers, k), then every response's rows flat."""
+    if routed is None:
+        return []
+    if not routed:  # a replica dealt no prompts
+        return [torch.zeros(2, dtype=torch.int64)]
+    layers, top_k = routed[0].shape[1:]
+    return [torch.tensor([layers, top_k], dtype=torch.int64), *(rows.reshape(-1).long() for rows in routed)]
+
+
+def _routing_from_payload(payload: torch.Tensor, rows: Sequence[int]) -> list[torch.Tensor]:
+    """Inverse of :func:`_routing_payload`: int16 ``[rows[i], layers, k]`` per response."""
+    if not rows:
+        return []
+    layers, top_k = (int(v) for v in payload[:2])
+    flat = payload[2:].to(torch.int16)
+    return [
+        chunk.reshape(count, layers, top_k)
+        for chunk, count in zip(flat.split([r * layers * top_k for r in rows]), rows, strict=True)
+    ]
+
+
 class ReplicatedEngine:
     """One rollout engine per replica of ranks, used through the single engine's interface on the driver rank.
 
@@ -361,6 +383,7 @@ class ReplicatedEngine:
                     torch.tensor(batch.response_lengths, dtype=torch.int64),
                     torch.tensor(finish, dtype=torch.int64),
                     torch.tensor([t for ids in batch.response_ids for t in ids], dtype=torch.int64),
+                    *_routing_payload(batch.routed_experts),
                 ]
             )
             report.floats = torch.tensor([v for lps in batch.response_logprobs for v in lps], dtype=torch.float32)
@@ -389,6 +412,7 @@ class ReplicatedEngine:
         response_ids: list[list[int]] = [[] for _ in range(total)]
         response_logprobs: list[list[float]] = [[] for _ in range(total)]
         finish: list[FinishReason] = ["stop"] * total
+        routed_experts: list[torch.Tensor] = [torch.zeros(0, 0, 0, dtype=torch.int16)] * total
         stats: dict[str, float] = {"rollout/replicas": float(self.num_replicas)}
         counters = [0, 0, 0]
         replica_seconds: list[float] = []
@@ -398,9 +422,17 @@ class ReplicatedEngine:
             count = len(share) * n
             lengths = ints[:count].tolist()
             codes = ints[count : 2 * count].tolist()
-            ids = torch.split(ints[2 * count :], lengths)
+            ids = torch.split(ints[2 * count : 2 * count + sum(lengths)], lengths)
             logprobs = torch.split(floats, lengths)
             slots = [group * n + sample for group in share for sample in range(n)]
+            if self.config.capture_routed_experts:
+                routed_rows = [
+                    len(prompts[slot // n]) + length - 1 for slot, length in zip(slots, lengths, strict=True)
+                ]
+                for slot, routed in zip(
+                    slots, _routing_from_payload(ints[2 * count + sum(lengths) :], routed_rows), strict=True
+                ):
+                    routed_experts[slot] = routed
             for k, slot in enumerate(slots):
                 response_ids[slot] = ids[k].tolist()
                 response_logprobs[slot] = logprobs[k].tolist()
@@ -433,6 +465,7 @@ class ReplicatedEngine:
             group_size=n,
             texts=self.tokenizer.batch_decode(response_ids, skip_special_tokens=True),
             stats=stats,
+            routed_experts=routed_experts if self.config.capture_routed_experts else None,
         )
 
     def _run_score(self, sequences: list[list[int]], prompt_lens: list[int] | None) -> list[torch.Tensor]:

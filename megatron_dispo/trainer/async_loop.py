@@ -40,6 +40,9 @@ from megatron_dispo.trainer.step_batch import (
     StepBatch,
     broadcast_step_batch,
     pack_per_sequence,
+    routed_buffer,
+    routed_bytes,
+    routed_shape,
     unpack_step_batch,
 )
 
@@ -83,15 +86,28 @@ def _send_batch(bridge: Bridge, batch: StepBatch, dst: int) -> None:
     bridge.send(pack_per_sequence(batch), dst)
     bridge.send(batch.tokens, dst)
     bridge.send(batch.rollout_logprobs, dst)
+    routed = routed_bytes(batch)
+    if routed is not None:
+        bridge.send(routed, dst)
 
 
-def _recv_batch(bridge: Bridge, src: int, count: int, num_tokens: int, num_response_tokens: int) -> StepBatch:
+def _batch_shape(batch: StepBatch) -> tuple[int, ...]:
+    """What the receiver of :func:`_send_batch` needs to allocate: counts, then routed (layers, top-k)."""
+    return (batch.num_sequences, batch.tokens.numel(), batch.rollout_logprobs.numel(), *routed_shape(batch))
+
+
+def _recv_batch(
+    bridge: Bridge, src: int, count: int, num_tokens: int, num_response_tokens: int, layers: int, top_k: int
+) -> StepBatch:
     if count == 0:  # nothing follows (gloo does not move empty tensors)
         return StepBatch.from_sequences([], [], [], [], [])
     per_sequence = bridge.recv(torch.empty((6, count), dtype=torch.int64), src)
     tokens = bridge.recv(torch.empty(num_tokens, dtype=torch.int64), src)
     logprobs = bridge.recv(torch.empty(num_response_tokens, dtype=torch.float32), src)
-    return unpack_step_batch(tokens, per_sequence, logprobs)
+    routed = routed_buffer(num_tokens, layers, top_k)
+    if routed is not None:
+        routed = bridge.recv(routed, src).view(torch.int16)
+    return unpack_step_batch(tokens, per_sequence, logprobs, routed)
 
 
 def _send_buckets(bridge: Bridge, buckets: Any) -> None:
@@ -302,10 +318,10 @@ class AsyncTrainer(Trainer):
     def _first_update_on_policy(self) -> bool:
         return self.config.trainer.old_logprobs == "recompute" and super()._first_update_on_policy()
 
-    def _old_logprobs(self, batch: StepBatch, plan: Any) -> dict[int, Any]:
+    def _old_logprobs(self, batch: StepBatch, plan: Any, routing: Any) -> dict[int, Any]:
         """pi_old: the trainer's forward (recompute) or the engine's behaviour log-probs of the sampled tokens."""
         if self.config.trainer.old_logprobs == "recompute":
-            return super()._old_logprobs(batch, plan)
+            return super()._old_logprobs(batch, plan, routing)
         per_sequence = batch.rollout_logprobs_per_sequence()
         return {i: per_sequence[i].tolist() for share in plan.local for i in share}
 
@@ -391,7 +407,7 @@ class RolloutWorker:
             message = {
                 "kind": "batch",
                 "step": step,
-                "shape": (batch.num_sequences, batch.tokens.numel(), batch.rollout_logprobs.numel()),
+                "shape": _batch_shape(batch),
                 "metrics": metrics,
                 "reports": self.reports,
                 "collector_state": self.collector.state_dict(),

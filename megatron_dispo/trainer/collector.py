@@ -119,6 +119,7 @@ class RolloutCollector:
                     correct=[outcome == "correct" for outcome in outcomes],
                     outcomes=outcomes,
                     texts=[batch.texts[i] for i in rows],
+                    routed_experts=None if batch.routed_experts is None else [batch.routed_experts[i] for i in rows],
                 )
             )
         return groups
@@ -166,6 +167,7 @@ class RolloutCollector:
             correct=[c for g in groups for c in g.correct],
             finish_reasons=[f for g in groups for f in g.finish_reasons],
             valid=screen.valid,
+            routed_experts=_routed_experts(groups),
         )
 
     # ------------------------------------------------------------------ held-out evaluation
@@ -203,6 +205,13 @@ class RolloutCollector:
             self.mixture.load_state_dict(state["mixture"])
         self.sampler.load_state_dict(state["sampler"])
         self.skipped_long_prompts = int(state.get("skipped_long_prompts", 0))
+
+
+def _routed_experts(groups: Sequence[GroupRollout]) -> list[Any] | None:
+    """Every response's engine routing in batch order, or None when the engine captured none."""
+    if not groups or any(group.routed_experts is None for group in groups):
+        return None
+    return [rows for group in groups for rows in group.routed_experts or ()]
 
 
 def _replica_metrics(engine_stats: Sequence[dict[str, float]]) -> dict[str, float]:

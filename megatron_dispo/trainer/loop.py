@@ -32,6 +32,7 @@ from megatron_dispo.algorithms.shaping import apply_overlong_penalty
 from megatron_dispo.config import Config
 from megatron_dispo.config_loader import to_dict
 from megatron_dispo.models.microbatch import MicroBatch, build_microbatch
+from megatron_dispo.models.routing_replay import RoutingCounts
 from megatron_dispo.refit import ProbeBatch, RefitCheckError, RefitMismatchError, RefitStats, send_weights
 from megatron_dispo.trainer.batching import (
     exclude_dropped,
@@ -95,6 +96,7 @@ class Trainer:
             params_dtype=config.model.params_dtype,
             temperature=config.rollout.temperature if config.rollout.temperature > 0 else 1.0,
             fp8=config.model.fp8,
+            routing_replay=config.model.moe_routing_replay == "rollout",
         )
         self.share_prompts = config.trainer.share_prompt_prefix and self.policy.supports_prompt_sharing
         if config.trainer.share_prompt_prefix and not self.share_prompts and self.is_engine_rank:
@@ -102,6 +104,13 @@ class Trainer:
                 "[yellow]trainer.share_prompt_prefix: this model's attention (Transformer Engine, or sequence/context/"
                 "pipeline parallel) does not take the shared-prompt KV cache; pi_old runs full padded forwards"
             )
+        if self.share_prompts and config.rollout.capture_routed_experts:
+            self.share_prompts = False  # pi_old must replay (or be compared with) the routing of every sequence
+            if self.is_engine_rank:
+                self.console.print(
+                    "[yellow]trainer.share_prompt_prefix is off: with the engine's routing captured (MoE routing "
+                    "replay), pi_old runs one forward per sequence so every token's routing is replayed or compared"
+                )
         self.group_size = config.algorithm.group_size
         self.checkpoints = CheckpointManager(
             self.run_dir, keep_last=config.trainer.keep_last, rank=self.rank, barrier=dist.barrier
@@ -176,11 +185,13 @@ class Trainer:
         """Rewards -> advantages -> pi_old -> K updates on one batch: its reward, ``train/`` and mismatch metrics."""
         advantages, metrics = self._advantages(batch)
         plan = self._plan_updates(batch)
+        routing = RoutingCounts()  # the pi_old pass's router agreement with the engine (MoE, captured routing)
         with timer.phase("logprob"):
-            old_logprobs = self._old_logprobs(batch, plan)
+            old_logprobs = self._old_logprobs(batch, plan, routing)
         with timer.phase("update"):
-            metrics.update(self._update(batch, plan, old_logprobs, advantages))
+            metrics.update(self._update(batch, plan, old_logprobs, advantages, routing))
         metrics.update(mismatch_metrics(old_logprobs, batch.rollout_logprobs_per_sequence(), self.policy))
+        metrics.update(routing.metrics())
         return metrics
 
     def _rollout(self, step: int) -> tuple[StepBatch, dict[str, float]]:
@@ -230,33 +241,44 @@ class Trainer:
     def _micro_batches(
         self, batch: StepBatch, plan: UpdatePlan, indices: Sequence[int], **fields: Any
     ) -> list[MicroBatch]:
-        """``indices`` packed under the micro-batch token budget, as padded tensors."""
+        """``indices`` packed under the micro-batch token budget, as padded tensors (with the engine's routing when
+        it was captured: replayed under R3, else compared with the trainer's own)."""
         budget = self.config.trainer.max_tokens_per_microbatch
+        routed = batch.routed_experts_per_sequence()
         micro = [
-            build_microbatch(chunk, batch.prompts, batch.responses, pad_token_id=self.pad_token_id, **fields)
+            build_microbatch(
+                chunk, batch.prompts, batch.responses, pad_token_id=self.pad_token_id, routed_experts=routed, **fields
+            )
             for chunk in pack_microbatches(indices, plan.sequence_lengths, budget)
         ]
         for b in micro:
             exclude_dropped(b, batch.valid)
         return micro
 
-    def _old_logprobs(self, batch: StepBatch, plan: UpdatePlan) -> dict[int, torch.Tensor]:
+    def _old_logprobs(self, batch: StepBatch, plan: UpdatePlan, routing: RoutingCounts) -> dict[int, torch.Tensor]:
         """pi_old of this rank's response tokens, one no-grad forward over every mini-batch but the first.
 
         The first update runs before any weight change, so its own forward gives pi_old (r = 1 exactly) and is
         captured there; TIS needs pi_old before that forward, so with TIS every mini-batch takes this pass.
+        ``routing`` accumulates this pass's router agreement.
         """
         first_on_policy = self._first_update_on_policy()
         indices = [i for share in (plan.local[1:] if first_on_policy else plan.local) for i in share]
         if self.share_prompts:  # each distinct prompt runs once per chunk
             chunks = pack_microbatches(indices, plan.sequence_lengths, self.config.trainer.max_tokens_per_microbatch)
             return self.policy.shared_prompt_logprobs(chunks, batch.prompts, batch.responses)
-        return self.policy.response_logprobs(self._micro_batches(batch, plan, indices))
+        return self.policy.response_logprobs(self._micro_batches(batch, plan, indices), routing=routing)
 
     def _update(
-        self, batch: StepBatch, plan: UpdatePlan, old_logprobs: dict[int, torch.Tensor], advantages: torch.Tensor
+        self,
+        batch: StepBatch,
+        plan: UpdatePlan,
+        old_logprobs: dict[int, torch.Tensor],
+        advantages: torch.Tensor,
+        routing: RoutingCounts,
     ) -> dict[str, float]:
-        """K optimizer updates, one per mini-batch; the on-policy first update fills in its pi_old."""
+        """K optimizer updates, one per mini-batch; the on-policy first update fills in its pi_old (and adds its
+        router agreement to ``routing``: that forward is the pi_old pass of its sequences)."""
         cfg = self.config
         tis_cap = cfg.algorithm.tis_cap
         rollout_logprobs = batch.rollout_logprobs_per_sequence() if tis_cap is not None else None
@@ -279,6 +301,7 @@ class Trainer:
                     correct=[batch.correct[list(b.indices)] for b in micro],
                     token_advantages=token_advantages,
                     captured_old_logprobs=old_logprobs if on_policy else None,
+                    routing=routing if on_policy else None,
                 )
             )
         metrics = {f"train/{k}": v for k, v in combine_minibatch_metrics(results, plan.token_counts).items()}

@@ -9,6 +9,7 @@ importance weights). The cache is part of the checkpoint, so resume continues ex
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,20 @@ class GroupRollout:
     outcomes: list[str]
     """Verifier outcome per response (correct, incorrect, no_answer, timeout, error, repetition)."""
     texts: list[str] = field(default_factory=list)
+    routed_experts: list[torch.Tensor] | None = None
+    """MoE routing replay: per response, the engine's int16 ``[prompt + response - 1, layers, k]`` routing."""
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-able form (the routing as base64 int16 bytes with its shape)."""
+        state = asdict(self)
+        if self.routed_experts is not None:
+            state["routed_experts"] = [_encode_int16(rows) for rows in self.routed_experts]
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> GroupRollout:
+        routed = state.get("routed_experts")
+        return cls(**{**state, "routed_experts": None if routed is None else [_decode_int16(r) for r in routed]})
 
     @property
     def group_size(self) -> int:
@@ -130,7 +145,17 @@ class DynamicSampler:
         return batch, stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cache": [asdict(group) for group in self.cache]}
+        return {"cache": [group.to_state() for group in self.cache]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cache = [GroupRollout(**group) for group in state.get("cache", [])]
+        self.cache = [GroupRollout.from_state(group) for group in state.get("cache", [])]
+
+
+def _encode_int16(tensor: torch.Tensor) -> dict[str, Any]:
+    data = tensor.to(torch.int16).contiguous().numpy().tobytes()
+    return {"shape": list(tensor.shape), "int16_base64": base64.b64encode(data).decode("ascii")}
+
+
+def _decode_int16(state: dict[str, Any]) -> torch.Tensor:
+    data = bytearray(base64.b64decode(state["int16_base64"]))
+    return torch.frombuffer(data, dtype=torch.int16).reshape(state["shape"]).clone()

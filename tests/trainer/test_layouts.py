@@ -1,9 +1,11 @@
 """The real trainer CLI under the layouts the paper recipes use, against a 1-process run of the same config.
 
 Dense tiny Qwen3 (SFT-warmed, so rollouts are partly correct): TP=2 + sequence parallel, and PP=2. Tiny Qwen3-MoE
-(SFT-warmed the same way): TP=2 + sequence parallel, and EP=2 (which also makes the dense part DP=2). Step 1 samples
+(SFT-warmed the same way), with MoE routing replay (R3) on: TP=2 + sequence parallel, and EP=2 (which also makes the
+dense part DP=2), each with two engine replicas whose captured routing travels to rank 0. Step 1 samples
 from identical weights with identical seeds, so the rollout is the same in every layout; the update must then give
-the same loss (1e-4 relative) and gradient norm (1e-3 relative). One 1-process baseline per model, each multi-rank
+the same loss (1e-4 relative) and gradient norm (1e-3 relative); under R3 every response token's experts must be the
+engine's in every layer and rank. One 1-process baseline per model, each multi-rank
 layout once, every subprocess under a timeout.
 
 Layout mistakes fail at start-up through the CLI with one ``config error: ...`` line and no traceback.
@@ -78,14 +80,27 @@ def warm_tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sft_warmup(base, root / "warm", generate_arithmetic(2000, 1, seed=1), WarmupConfig(steps=100, batch_size=16))
 
 
+R3 = "model.moe_routing_replay=rollout"
+
+
+def _assert_replayed(record: dict[str, float]) -> None:
+    assert record["routing/tokens"] > 0 and record["routing/replayed_exact"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def moe_baseline(warm_tiny_moe: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
-    return _step1(warm_tiny_moe, tmp_path_factory.mktemp("moe_1p"))
+    record = _step1(warm_tiny_moe, tmp_path_factory.mktemp("moe_1p"), R3)
+    _assert_replayed(record)
+    return record
 
 
 @pytest.mark.parametrize("layout", [TP2_SP, ("model.parallel.expert_model_parallel_size=2",)], ids=["tp2_sp", "ep2"])
 def test_moe_layouts_match_one_process(warm_tiny_moe, moe_baseline, tmp_path, layout):
-    _assert_same_step(_step1(warm_tiny_moe, tmp_path, *layout, nproc=2), moe_baseline)
+    got = _step1(warm_tiny_moe, tmp_path, R3, *layout, nproc=2)
+    _assert_same_step(got, moe_baseline)
+    _assert_replayed(got)
+    assert got["routing/tokens"] == moe_baseline["routing/tokens"]
+    assert got["routing/agreement"] == moe_baseline["routing/agreement"]
 
 
 # --- layout mistakes: one line on stderr, no traceback ----------------------------------------------------------------

@@ -17,10 +17,34 @@ RESPONSES = [[1, 2], [3], [4, 4, 4], []]
 LOGPROBS = [[-0.5, -0.25], [-1.0], [-0.125, -0.375, -0.75], []]  # exact in float32
 
 
-def _batch(valid: list[bool] | None = None) -> StepBatch:
+def _routing() -> list[torch.Tensor]:
+    """Engine routing of each sequence: [prompt + response - 1, 2 layers, top-2], distinct values everywhere."""
+    sizes = [len(p) + len(r) - 1 for p, r in zip(PROMPTS, RESPONSES, strict=True)]
+    start = [sum(sizes[:i]) for i in range(len(sizes))]
+    pairs = zip(start, sizes, strict=True)
+    return [torch.arange(4 * a, 4 * (a + n), dtype=torch.int16).reshape(n, 2, 2) for a, n in pairs]
+
+
+def _batch(valid: list[bool] | None = None, routed: list[torch.Tensor] | None = None) -> StepBatch:
     return StepBatch.from_sequences(
-        PROMPTS, RESPONSES, LOGPROBS, [True, False, False, True], ["stop", "length", "repetition", "stop"], valid
-    )
+        PROMPTS, RESPONSES, LOGPROBS, [True, False, False, True], ["stop", "length", "repetition", "stop"], valid,
+        routed_experts=routed,
+    )  # fmt: skip
+
+
+def test_routing_is_packed_row_aligned_with_the_tokens() -> None:
+    routed = _routing()
+    per_sequence = _batch(routed=routed).routed_experts_per_sequence()
+    assert per_sequence is not None and _batch().routed_experts_per_sequence() is None
+    for got, want, prompt, response in zip(per_sequence, routed, PROMPTS, RESPONSES, strict=True):
+        assert got.shape == (len(prompt) + len(response), 2, 2)
+        assert torch.equal(got[:-1], want) and (got[-1] == -1).all()  # the last token was never fed back
+    micro = build_microbatch([2, 0], PROMPTS, RESPONSES, pad_token_id=0, routed_experts=per_sequence)
+    assert micro.routed_experts is not None and micro.routed_experts.shape == (2, 5, 2, 2)
+    assert torch.equal(micro.routed_experts[0, :4], per_sequence[2].long())
+    assert (micro.routed_experts[1, 4:] == -1).all()  # right padding is not replayed
+    with pytest.raises(ValueError, match=r"sequence 0: routed_experts \(3, 2, 2\), expected \[4, L, k\]"):
+        _batch(routed=[routed[0][:3], *routed[1:]])
 
 
 def test_packed_batch_gives_back_every_sequence() -> None:
@@ -59,6 +83,7 @@ def _broadcast_worker() -> dict[str, Any]:  # pragma: no cover - runs in the wor
     got = broadcast_step_batch(_batch(valid=[True, True, False, True]) if rank == 0 else None, src=0)
     empty = StepBatch.from_sequences([], [], [], [], [])
     got_empty = broadcast_step_batch(empty if rank == 0 else None, src=0)
+    routed = broadcast_step_batch(_batch(routed=_routing()) if rank == 0 else None, src=0).routed_experts
     return {
         "prompts": [p.tolist() for p in got.prompts],
         "responses": [r.tolist() for r in got.responses],
@@ -68,6 +93,8 @@ def _broadcast_worker() -> dict[str, Any]:  # pragma: no cover - runs in the wor
         "finish": got.finish_reasons(),
         "dtypes": [str(t.dtype) for t in (got.tokens, got.rollout_logprobs, got.correct, got.valid, got.finish_codes)],
         "empty": got_empty.num_sequences,
+        "plain_routing": got.routed_experts is None,
+        "routing": None if routed is None else (str(routed.dtype), routed.tolist()),
     }
 
 
@@ -79,4 +106,6 @@ def test_broadcast_delivers_the_engine_ranks_batch_to_every_rank() -> None:
     assert receiver["finish"] == ["stop", "length", "repetition", "stop"]
     assert receiver["dtypes"] == ["torch.int64", "torch.float32", "torch.bool", "torch.bool", "torch.int8"]
     assert receiver["empty"] == 0
+    assert receiver["plain_routing"] and receiver["routing"] is not None
+    assert receiver["routing"] == ("torch.int16", _batch(routed=_routing()).routed_experts.tolist())
     assert FINISH_REASONS == ("stop", "length", "repetition")
