@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from megatron_dispo.lifetime import die_with_parent
 from megatron_dispo.models.parallel import ParallelConfig
 
 if TYPE_CHECKING:
@@ -171,6 +172,27 @@ def _write_json_atomic(path: Path, payload: dict | str) -> None:
     os.replace(tmp, path)
 
 
+_RESULTS_MANAGERS: list[Any] = []
+"""The manager behind Megatron's results queue, kept referenced as long as Megatron's module global holds its queue."""
+
+
+def _results_manager_dies_with_this_process() -> None:
+    """Megatron's torch_dist writer (``filesystem_async._get_write_results_queue``) starts a spawned multiprocessing
+    ``Manager`` for its results queue on the first save and keeps it for the life of the process; when that process
+    is SIGKILLed (a preempted job) the manager is re-parented to init and lives on. Start that manager here instead,
+    with the guards of ``lifetime.die_with_parent`` armed in it, and hand Megatron its queue."""
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=torch.multiprocessing.get_context("spawn"))
+    manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    _RESULTS_MANAGERS.append(manager)
+    filesystem_async._results_queue = manager.Queue()
+
+
 def save_checkpoint(
     root: str | Path,
     model: torch.nn.Module,
@@ -198,6 +220,7 @@ def save_checkpoint(
     if optimizer is not None and optimizer.config.use_distributed_optimizer:
         _materialize_adam_state(optimizer)
     state = _sharded_state(model, optimizer, is_loading=False)
+    _results_manager_dies_with_this_process()
     dist_checkpointing.save(state, str(tmp_dir))
     _barrier()
     if _rank() == 0:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -144,8 +145,11 @@ def test_sigkill_during_save_resumes_from_last_good_checkpoint(warm_tiny_model, 
         while not half_written.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         assert half_written.exists(), "never saw the step-2 save in progress"
+        children = psutil.Process(proc.pid).children(recursive=True)  # checkpoint manager, verifier workers, ...
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"processes outlived the killed trainer: {[(c.pid, c.cmdline()[:4]) for c in alive]}"
     finally:
         if proc.poll() is None:
             proc.kill()
