@@ -68,7 +68,8 @@ class RolloutConfig:
     """``colocated``: the engine lives on training rank 0 and training waits for rollout. ``dedicated``: the last
     ``num_ranks`` ranks of the job run only engines and generate while the others train (``trainer.max_staleness``)."""
     num_ranks: int = 1
-    """Rollout-only ranks with ``placement=dedicated`` (ignored when colocated)."""
+    """Rollout-only ranks with ``placement=dedicated`` (ignored when colocated): they form ``num_ranks /
+    tensor_parallel_size`` engine replicas, driven by the first rollout rank."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 10.0:
@@ -108,8 +109,13 @@ class RolloutConfig:
             )
         if self.placement not in ("colocated", "dedicated"):
             raise ValueError(f"placement={self.placement!r} must be 'colocated' or 'dedicated'.")
-        if self.num_ranks != 1:
-            raise ValueError(f"num_ranks={self.num_ranks}: dedicated placement runs one rollout rank today; set 1.")
+        if self.num_ranks < 1:
+            raise ValueError(f"num_ranks={self.num_ranks} must be >= 1 (rollout-only ranks with placement=dedicated).")
+        if self.placement == "dedicated" and self.num_ranks % self.tensor_parallel_size:
+            raise ValueError(
+                f"num_ranks={self.num_ranks} rollout ranks do not split into engine replicas of tensor_parallel_size="
+                f"{self.tensor_parallel_size}; make num_ranks a multiple of it."
+            )
         if not isinstance(self.repetition, RepetitionConfig):
             raise TypeError(f"repetition must be a RepetitionConfig, got {type(self.repetition).__name__}.")
 

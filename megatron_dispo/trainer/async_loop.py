@@ -33,7 +33,15 @@ from rich.console import Console
 from megatron_dispo.config import Config
 from megatron_dispo.refit import ProbeBatch
 from megatron_dispo.refit.buckets import BucketLayout, NamedTensor, iter_buckets, pack_bucket, unpack_bucket
-from megatron_dispo.trainer.bridge import Bridge, BridgeError, JobLayout, init_training_world, job_layout, job_store
+from megatron_dispo.trainer.bridge import (
+    Bridge,
+    BridgeError,
+    JobLayout,
+    init_rollout_world,
+    init_training_world,
+    job_layout,
+    job_store,
+)
 from megatron_dispo.trainer.loop import ENGINE_RANK, Trainer, _broadcast_object
 from megatron_dispo.trainer.phases import PhaseTimer
 from megatron_dispo.trainer.step_batch import (
@@ -333,13 +341,18 @@ class AsyncTrainer(Trainer):
 
 # ---------------------------------------------------------------------- the rollout rank
 class RolloutWorker:
-    """The rollout rank: engine + collector + refitter; generates each batch with the version the schedule names."""
+    """A rollout rank: its engine replica + refitter; the first rollout rank (the driver) also hosts the collector and
+    talks to the trainer. Generates each batch with the version the schedule names, on every replica.
+
+    Every rollout rank receives every weight version (bridge broadcasts) and refits and checks its own engine; the
+    other rollout ranks serve the driver's generate calls (``ReplicatedEngine.serve``) in the same order.
+    """
 
     def __init__(self, config: Config, layout: JobLayout, store: dist.Store) -> None:
         from transformers import AutoTokenizer
 
         from megatron_dispo.refit import Refitter
-        from megatron_dispo.rollout.engine import RolloutEngine
+        from megatron_dispo.rollout.replicas import ReplicatedEngine
         from megatron_dispo.trainer.collector import RolloutCollector
 
         self.config = config
@@ -347,13 +360,19 @@ class RolloutWorker:
         timeout = timedelta(seconds=config.trainer.bridge_timeout_s)
         assert layout.bridge_rank is not None
         self.bridge = Bridge(store, layout.bridge_rank, layout.bridge_size, timeout)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
-        self.engine = RolloutEngine(config.model.hf_path, config.rollout)
-        self.collector = RolloutCollector(config, self.engine, self.tokenizer)
-        sequences, prompt_lens = self.collector.probe_sequences()
-        probe = ProbeBatch(tuple(sequences), tuple(prompt_lens))
-        self.refitter = Refitter(self.engine, config.refit, probe=probe)
-        self.bridge.send_object({"probe": probe}, TRAINER)
+        init_rollout_world(layout, store, timeout)
+        self.engine = ReplicatedEngine(config.model.hf_path, config.rollout)
+        self.is_driver = self.engine.is_driver
+        self.collector: Any = None
+        shared: tuple[ProbeBatch, bool] | None = None
+        if self.is_driver:
+            self.collector = RolloutCollector(config, self.engine, AutoTokenizer.from_pretrained(config.model.hf_path))
+            sequences, prompt_lens = self.collector.probe_sequences()
+            shared = (ProbeBatch(tuple(sequences), tuple(prompt_lens)), bool(self.collector.heldout))
+        probe, self.has_heldout = _rollout_broadcast(shared)
+        self.refitter = Refitter(self.engine.local_engine, config.refit, probe=probe)
+        if self.is_driver:
+            self.bridge.send_object({"probe": probe}, TRAINER)
         self.version = 0
         self.reports: dict[int, dict[str, float]] = {}
 
@@ -365,12 +384,46 @@ class RolloutWorker:
         stats = self.refitter.refit(_receive_tensors(self.bridge), trainer_logprobs=header["probe_logprobs"])
         self.version = int(header["version"])
         report = {f"refit/{k.split('/', 1)[-1]}": v for k, v in stats.metrics().items()}
+        report |= self._replica_refit_metrics(stats.seconds, stats.payload_bytes)
         report["refit/policy_version"] = float(self.version)
         if header["evaluate"]:
             started = time.perf_counter()
-            report.update(self.collector.evaluate())
+            report.update(self._evaluate())
             report["perf/time/eval_s"] = time.perf_counter() - started
         self.reports[self.version] = report
+
+    def _replica_refit_metrics(self, seconds: float, payload_bytes: int) -> dict[str, float]:
+        """``refit/replica{i}/{time_s,bytes}`` of every replica (its leader's figures), over the rollout world."""
+        placement = self.engine.placement
+        mine = torch.tensor([seconds, float(payload_bytes)], dtype=torch.float64)
+        rows = [mine]
+        if dist.is_initialized():
+            rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(rows, mine)
+        out: dict[str, float] = {}
+        for rank, row in enumerate(rows):
+            if rank % placement.tensor_parallel_size == 0:
+                replica = rank // placement.tensor_parallel_size
+                out[f"refit/replica{replica}/time_s"], out[f"refit/replica{replica}/bytes"] = row.tolist()
+        return out
+
+    def _evaluate(self) -> dict[str, float]:
+        """Held-out accuracy on every replica: the driver evaluates, the other rollout ranks serve it."""
+        if not self.is_driver:
+            self.engine.serve()
+            return {}
+        metrics = self.collector.evaluate()
+        self.engine.release()
+        return metrics
+
+    def _generate(self, step: int, granularity: int) -> tuple[StepBatch | None, dict[str, float]]:
+        """This step's batch (driver; every replica generates its share) or None (the ranks that serve)."""
+        if not self.is_driver:
+            self.engine.serve()
+            return None, {}
+        groups, metrics = self.collector.collect(step, granularity=granularity)
+        self.engine.release()
+        return self.collector.to_step_batch(groups, step), metrics
 
     def run(self) -> int:
         """Generate batches start..N, then serve the last versions (evaluations) until the trainer says stop."""
@@ -378,7 +431,7 @@ class RolloutWorker:
         start = self._control()
         if start["kind"] != "start":
             return 0
-        if start["collector_state"] is not None:
+        if start["collector_state"] is not None and self.collector is not None:
             self.collector.load_state_dict(start["collector_state"])
         first = int(start["start_step"])
         if first > 1:  # resumed: the checkpoint's weights come next
@@ -387,8 +440,8 @@ class RolloutWorker:
                 return 0
             self._load(header)
             self.reports.pop(self.version, None)
-        elif self.collector.heldout:  # as the colocated trainer: the initial weights are always evaluated
-            self.reports[0] = self.collector.evaluate()
+        elif self.has_heldout:  # as the colocated trainer: the initial weights are always evaluated
+            self.reports[0] = self._evaluate()
         granularity = cfg.num_minibatches * self._dp_size()
         for step in range(first, cfg.max_steps + 1):
             waited = time.perf_counter()
@@ -399,8 +452,10 @@ class RolloutWorker:
                 self._load(header)
             waited = time.perf_counter() - waited
             started = time.perf_counter()
-            groups, metrics = self.collector.collect(step, granularity=granularity)
-            batch = self.collector.to_step_batch(groups, step)
+            batch, metrics = self._generate(step, granularity)
+            if batch is None:  # a serving rank: the driver reports the batch
+                self.reports = {}
+                continue
             batch = dataclasses.replace(batch, policy_version=torch.full((batch.num_sequences,), self.version))
             metrics["perf/time/rollout_s"] = time.perf_counter() - started - metrics.get("perf/time/reward_s", 0.0)
             metrics["perf/time/wait_for_weights_s"] = waited
@@ -420,7 +475,8 @@ class RolloutWorker:
             if header["kind"] != "weights":
                 return 0
             self._load(header)
-            self.bridge.send_object({"reports": self.reports}, TRAINER)
+            if self.is_driver:
+                self.bridge.send_object({"reports": self.reports}, TRAINER)
             self.reports = {}
 
     def _dp_size(self) -> int:
@@ -431,6 +487,17 @@ class RolloutWorker:
     def close(self) -> None:
         self.bridge.close()
         self.engine.shutdown()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rollout_broadcast(value: Any) -> Any:
+    """The driver's small object on every rollout rank (no-op with one rollout rank)."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def run_dedicated(config: Config) -> int:
@@ -444,8 +511,9 @@ def run_dedicated(config: Config) -> int:
         except BridgeError as exc:
             raise SystemExit(f"rollout rank: {exc}") from None
         except Exception as exc:
-            with contextlib.suppress(BridgeError):
-                worker.bridge.send_object({"kind": "error", "error": f"{type(exc).__name__}: {exc}"}, TRAINER)
+            if worker.is_driver:  # the trainer hears from the driver; a failed serving rank fails the driver next
+                with contextlib.suppress(BridgeError):
+                    worker.bridge.send_object({"kind": "error", "error": f"{type(exc).__name__}: {exc}"}, TRAINER)
             raise
         finally:
             worker.close()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Bridge", "BridgeError", "JobLayout", "init_training_world", "job_layout", "job_store"]
+__all__ = ["Bridge", "BridgeError", "JobLayout", "init_rollout_world", "init_training_world", "job_layout", "job_store"]
 
 
 class BridgeError(RuntimeError):
@@ -100,6 +100,24 @@ def init_training_world(layout: JobLayout, store: dist.Store, timeout: timedelta
         rank=layout.global_rank,
         world_size=layout.train_world,
         timeout=timeout,
+    )
+
+
+def init_rollout_world(layout: JobLayout, store: dist.Store, timeout: timedelta) -> None:
+    """With several rollout ranks: the default process group over them only, the world of their engine replicas
+    (``ReplicatedEngine``; rollout rank 0 drives). One rollout rank needs no world.
+
+    RANK / WORLD_SIZE / LOCAL_WORLD_SIZE are set to that world (replicas never span nodes: the rollout ranks are the
+    job's last ranks, so with a training world that fills whole nodes they start on a node boundary).
+    """
+    size = layout.num_rollout_ranks
+    if size == 1:
+        return
+    rank = layout.global_rank - layout.train_world
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(min(per_node, size)))
+    dist.init_process_group(
+        "gloo", store=dist.PrefixStore("rollout/", store), rank=rank, world_size=size, timeout=timeout
     )
 
 

@@ -1,7 +1,8 @@
-"""Asynchronous DISPO on CPU: one training rank + one dedicated rollout rank under torchrun, on the demo task.
+"""Asynchronous DISPO on CPU: one training rank + dedicated rollout ranks under torchrun, on the demo task.
 
-- k=0 (``trainer.max_staleness=0``) with dedicated placement draws the same samples and computes the same losses as
-  the 1-process colocated run: every non-timing metric of every step is equal;
+- k=0 (``trainer.max_staleness=0``) with dedicated placement on two rollout ranks (two engine replicas, one training
+  rank: world 3) draws the same samples and computes the same losses as the 1-process colocated run: every non-timing
+  metric of every step is equal; resuming it continues exactly;
 - k=1: every batch is trained exactly one version after the one that generated it (never more), from step 2 on;
 - the refit probe check runs on the rollout rank after every transfer and passes (its metric is in every report);
 - a staleness above 0 needs dedicated placement (config error).
@@ -24,7 +25,9 @@ STEPS = 4
 COMPARED = ("rollout/", "train/", "eval/", "mismatch/", "refit/probe/max_abs", "refit/probe/mean_abs")
 ASYNC_ONLY = ("rollout/staleness/", "train/staleness")
 REPLICAS_ONLY = "rollout/replica"
-"""The colocated trainer's engine-replica counters (wall-clock seconds, replica count): the rollout rank has none."""
+"""Engine-replica counters (wall-clock seconds, replica count): they differ with the number of replicas."""
+K0_RANKS = ("rollout.placement=dedicated", "rollout.num_ranks=2")
+"""The k=0 runs: 1 training rank + 2 rollout ranks (nproc 3)."""
 
 
 def _by_step(run_dir) -> dict[int, dict]:
@@ -46,7 +49,7 @@ def colocated(one_process_run) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def dedicated_k0_dir(warm_tiny_model, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("k0")
-    _run(warm_tiny_model, run_dir, "rollout.placement=dedicated", "trainer.checkpoint_every=2", nproc=2)
+    _run(warm_tiny_model, run_dir, *K0_RANKS, "trainer.checkpoint_every=2", nproc=3)
     return run_dir
 
 
@@ -65,8 +68,14 @@ def test_k0_dedicated_equals_colocated(colocated, dedicated_k0) -> None:
     assert sorted(colocated) == sorted(dedicated_k0) == list(range(STEPS + 1))
     for step, ref in colocated.items():
         ref = {k: v for k, v in ref.items() if k.startswith(COMPARED) and not k.startswith(REPLICAS_ONLY)}
-        got = {k: v for k, v in dedicated_k0[step].items() if k.startswith(COMPARED) and not k.startswith(ASYNC_ONLY)}
+        got = {
+            k: v
+            for k, v in dedicated_k0[step].items()
+            if k.startswith(COMPARED) and not k.startswith((*ASYNC_ONLY, REPLICAS_ONLY))
+        }
         assert got == ref, f"step {step}"
+        if step:  # both rollout ranks generated every batch, and both were refitted
+            assert dedicated_k0[step]["rollout/replicas"] == 2.0 and dedicated_k0[step]["rollout/replica1/tokens"] > 0
     assert dedicated_k0[1]["train/loss"] == colocated[1]["train/loss"]
     assert dedicated_k0[1]["rollout/accuracy"] == colocated[1]["rollout/accuracy"]
     assert all(dedicated_k0[s]["rollout/staleness/max"] == 0.0 for s in range(1, STEPS + 1))
@@ -94,6 +103,8 @@ def test_probe_passes_on_rollout_rank_after_every_transfer(run, request) -> None
     for v in sent:  # refit.check_every=1 (set in _run): every transfer is checked, on the rollout rank
         assert records[v]["refit/policy_version"] == float(v)
         assert 0.0 <= records[v]["refit/probe/max_abs_delta_logprob"] <= 1e-3
+        if run == "dedicated_k0":  # two rollout ranks: each refitted (and checked) its own replica
+            assert records[v]["refit/replica1/bytes"] == records[v]["refit/replica0/bytes"] > 0
 
 
 def test_staleness_needs_dedicated_placement() -> None:
@@ -105,9 +116,9 @@ def test_k0_resume_continues_exactly(dedicated_k0_dir, dedicated_k0, warm_tiny_m
     """Resume in dedicated placement from the k=0 run's step-2 checkpoint (as if it had stopped there): the rollout
     rank gets the data order and weights of the checkpoint's step, so steps 3 and 4 are the uninterrupted run's."""
     copy_run_until(dedicated_k0_dir, tmp_path, step=2)
-    args = ("rollout.placement=dedicated", "trainer.checkpoint_every=2")
+    args = (*K0_RANKS, "trainer.checkpoint_every=2")
     common = (f"model.hf_path={warm_tiny_model}", f"trainer.run_dir={tmp_path}", *FAST, "refit.check_every=1", *args)
-    run_train(*common, f"trainer.max_steps={STEPS}", "trainer.resume=true", nproc=2, timeout=420)
+    run_train(*common, f"trainer.max_steps={STEPS}", "trainer.resume=true", nproc=3, timeout=420)
     resumed = _by_step(tmp_path)
     assert sorted(resumed) == list(range(STEPS + 1))
     for step in (3, 4):
