@@ -258,6 +258,18 @@ class Config:
         max_length = self.rollout.max_new_tokens
         return OverlongConfig(max_length=max_length, cache_length=max(1, max_length // 5))
 
+    def training_world(self, job_world: int) -> int:
+        """Processes that train in a job of ``job_world``: all, or all but the dedicated rollout ranks."""
+        if self.rollout.placement != "dedicated":
+            return job_world
+        if job_world <= self.rollout.num_ranks:
+            raise ConfigError(
+                f"rollout.placement=dedicated with rollout.num_ranks={self.rollout.num_ranks} needs a job of more than "
+                f"{self.rollout.num_ranks} processes (got {job_world}); launch with torchrun --nproc_per_node="
+                f"{self.rollout.num_ranks + 1} or more."
+            )
+        return job_world - self.rollout.num_ranks
+
     def validate_for_world(self, world_size: int, *, hf_config: object | None = None) -> None:
         """Checks that need the number of processes or the model: parallel layout, checkpoint, batch split over DP.
 

@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_run_config(args.config, args.overrides)
         # layout vs world size, checkpoint folder, layers vs PP: before any process group or model exists
-        config.validate_for_world(int(os.environ.get("WORLD_SIZE", "1")), hf_config=config.load_hf_config())
+        world = config.training_world(int(os.environ.get("WORLD_SIZE", "1")))
+        config.validate_for_world(world, hf_config=config.load_hf_config())
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from exc
     if config.rollout.placement == "dedicated":
