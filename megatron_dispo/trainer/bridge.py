@@ -111,11 +111,11 @@ def init_rollout_world(layout: JobLayout, store: dist.Store, timeout: timedelta)
     job's last ranks, so with a training world that fills whole nodes they start on a node boundary).
     """
     size = layout.num_rollout_ranks
-    if size == 1:
-        return
     rank = layout.global_rank - layout.train_world
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", size))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(min(per_node, size)))
+    if size == 1:
+        return
     dist.init_process_group(
         "gloo", store=dist.PrefixStore("rollout/", store), rank=rank, world_size=size, timeout=timeout
     )
