@@ -9,8 +9,9 @@ arms with the same seeds:
 - ``off``: no capture, no replay (today's default);
 - ``observe``: the engine's routing is captured and compared with the trainer's (``routing/agreement``), not replayed;
 - ``replay``: ``model.moe_routing_replay=rollout``.
-Printed per arm: median step time over steps 2.. (step 1 is first-call warm-up), ``routing/agreement``,
-``routing/replayed_exact`` and step 1's ``mismatch/logprob_abs_mean`` (step 1 samples the same tokens in every arm);
+Printed per arm: median step time over steps 2.. (step 1 is first-call warm-up), the mean over steps of
+``routing/agreement`` and ``routing/replayed_exact``, and step 1's ``mismatch/logprob_abs_mean`` (step 1 samples the
+same tokens in every arm, so only the trainer's routing differs there);
 then the step-time ratio replay / off measured in this run.
 """
 
@@ -64,7 +65,9 @@ def run_arm(model: Path, run_dir: Path, steps: int, overrides: list[str]) -> lis
         f"trainer.run_dir={run_dir}", f"trainer.max_steps={steps}", *SETTINGS, *overrides,
     ]  # fmt: skip
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, cwd=REPO)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    if proc.returncode:
+        raise SystemExit(f"the {run_dir.name} arm failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     return [r for r in read_metrics(run_dir) if r.get("step", 0) >= 1]
 
 
@@ -78,7 +81,7 @@ def main() -> int:
         print(f"SFT warm-up of the tiny MoE ({args.warmup_steps} steps) ...", flush=True)
         model = warm_moe(work / "model", args.warmup_steps)
         step_times: dict[str, float] = {}
-        print(f"{'arm':<9}{'step s':>8}{'agreement':>11}{'replayed':>10}{'mismatch@1':>12}{'updates':>9}")
+        print(f"{'arm':<9}{'step s':>8}{'agreement':>11}{'replayed':>10}{'mismatch@1':>12}{'updates':>9}", flush=True)
         for arm, overrides in ARMS.items():
             records = run_arm(model, work / arm, args.steps, overrides)
             timed = [r["perf/time/step_s"] for r in records if r["step"] > 1]
@@ -90,8 +93,8 @@ def main() -> int:
             print(
                 f"{arm:<9}{step_times[arm]:>8.3f}"
                 f"{(sum(agreement) / len(agreement) if agreement else float('nan')):>11.4f}"
-                f"{(min(exact) if exact else float('nan')):>10.4f}"
-                f"{(first['mismatch/logprob_abs_mean'] if first else float('nan')):>12.5f}{len(learned):>9d}",
+                f"{(sum(exact) / len(exact) if exact else float('nan')):>10.4f}"
+                f"{(first['mismatch/logprob_abs_mean'] if first else float('nan')):>12.7f}{len(learned):>9d}",
                 flush=True,
             )
         print(f"step time replay / off = {step_times['replay'] / step_times['off']:.3f}")
