@@ -1,6 +1,7 @@
 """The real trainer CLI under the layouts the paper recipes use, against a 1-process run of the same config.
 
-Dense tiny Qwen3 (SFT-warmed, so rollouts are partly correct): TP=2 + sequence parallel, and PP=2. Tiny Qwen3-MoE
+Dense tiny Qwen3 (SFT-warmed, so rollouts are partly correct): TP=2 + sequence parallel with one TP=2 engine
+replica, and PP=2 with two TP=1 engine replicas. Tiny Qwen3-MoE
 (SFT-warmed the same way), with MoE routing replay (R3) on: TP=2 + sequence parallel, and EP=2 (which also makes the
 dense part DP=2), each with two engine replicas whose captured routing travels to rank 0. Step 1 samples
 from identical weights with identical seeds, so the rollout is the same in every layout; the update must then give
@@ -61,9 +62,26 @@ def dense_baseline(one_process_run: Path) -> dict[str, float]:
     return record
 
 
-@pytest.mark.parametrize("layout", [TP2_SP, ("model.parallel.pipeline_model_parallel_size=2",)], ids=["tp2_sp", "pp2"])
-def test_dense_layouts_match_one_process(warm_tiny_model, dense_baseline, tmp_path, layout):
-    _assert_same_step(_step1(warm_tiny_model, tmp_path, *layout, nproc=2), dense_baseline)
+@pytest.mark.parametrize(
+    ("layout", "replicas"),
+    [((*TP2_SP, "rollout.tensor_parallel_size=2"), 1), (("model.parallel.pipeline_model_parallel_size=2",), 2)],
+    ids=["tp2_sp_engine_tp2", "pp2_two_replicas"],
+)
+def test_dense_layouts_match_one_process(warm_tiny_model, dense_baseline, one_process_run, tmp_path, layout, replicas):
+    """World 2 runs one engine replica of TP=2 (vLLM external_launcher, beside Megatron TP=2 + SP) or two TP=1
+    replicas (beside PP=2). Every replica is refitted and passes the probe (``refit.check_every=1``); the held-out
+    evaluation of the initial weights (step 0, the reference run's held-out set) and step 1's rollout use every
+    replica and match one engine."""
+    heldout = next(arg for arg in FAST if arg.startswith("data.heldout="))
+    got = _step1(warm_tiny_model, tmp_path, *layout, heldout, nproc=2)
+    _assert_same_step(got, dense_baseline)
+    assert got["rollout/replicas"] == replicas and dense_baseline["rollout/replicas"] == 1
+    assert all(got[f"rollout/replica{i}/tokens"] > 0 for i in range(replicas))
+    assert all(got[f"refit/replica{i}/bytes"] == got["refit/replica0/bytes"] > 0 for i in range(replicas))
+    assert got["refit/probe/max_abs_delta_logprob"] < 1e-3  # every replica passed (a failing one raises on every rank)
+    (initial,) = [r for r in read_metrics(tmp_path) if int(r["step"]) == 0]
+    (reference,) = [r for r in read_metrics(one_process_run) if int(r["step"]) == 0]
+    assert initial["eval/heldout/accuracy"] == reference["eval/heldout/accuracy"]
 
 
 # --- MoE --------------------------------------------------------------------------------------------------------------

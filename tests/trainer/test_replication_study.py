@@ -25,8 +25,8 @@ from tests.trainer.conftest import REPO_ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
 
 STUDY = REPO_ROOT / "examples" / "replication"
-ARMS = ("dispo", "cispo", "dapo")
-"""Fig. 5's arms: enough to prove the one command trains, summarises, pairs claims and draws figures."""
+ARMS = ("dispo", "cispo")
+"""Two of Fig. 5's arms: enough to prove the one command trains, summarises, pairs a claim and draws a figure."""
 SMOKE = [
     "--seeds", "0", "--arms", *ARMS, "--steps", "2",  # --steps ends the --arms list before the overrides
     "trainer.prompts_per_step=4", "trainer.num_minibatches=2", "algorithm.group_size=4", "rollout.max_new_tokens=16",
@@ -78,7 +78,7 @@ def test_committed_results_resummarise_to_the_committed_summary(tmp_path: Path) 
 
 @pytest.mark.timeout(900)
 def test_reduced_study_trains_its_arms_and_continues_without_rerunning(warm_tiny_model: Path, tmp_path: Path) -> None:
-    """One command trains each chosen arm for real (Fig. 5's three), keeps metrics, summary, claims and figures, and
+    """One command trains each chosen arm for real (two of Fig. 5's), keeps metrics, summary, claims and figures, and
     a second invocation runs nothing again."""
     runs, results = tmp_path / "runs", tmp_path / "results"
     shutil.copytree(warm_tiny_model, runs / "warmup" / "seed0" / "warmup_model")  # the session's warm model
@@ -93,7 +93,7 @@ def test_reduced_study_trains_its_arms_and_continues_without_rerunning(warm_tiny
         losses = [r["train/loss"] for r in records.values() if "train/loss" in r]
         assert all(math.isfinite(v) for v in losses), arm
         updated += bool(losses)
-    assert updated >= 2, f"only {updated} of {len(ARMS)} arms had an update in 2 steps; the warm model is off"
+    assert updated >= 1, f"no arm of {ARMS} had an update in 2 steps; the warm model is off"
 
     summary = json.loads((results / "summary.json").read_text())
     assert sorted(summary["arms"]) == sorted(ARMS)
@@ -101,7 +101,7 @@ def test_reduced_study_trains_its_arms_and_continues_without_rerunning(warm_tiny
         start = next(r for r in read_metrics(results / arm / "seed0") if r["step"] == 0)["eval/heldout/accuracy"]
         assert summary["arms"][arm]["heldout_start"]["per_seed"]["0"] == pytest.approx(start)
     pairs = [c for c in study["claims"] if c["arm"] in ARMS and c["reference"] in ARMS]
-    assert len(summary["claims"]) == len(pairs) == 2  # DISPO vs CISPO, DISPO vs DAPO
+    assert len(summary["claims"]) == len(pairs) == 1  # DISPO vs CISPO
     for row in summary["claims"]:
         arm, reference = summary["arms"][row["arm"]], summary["arms"][row["reference"]]
         value, reference_value = arm[row["scalar"]]["per_seed"]["0"], reference[row["scalar"]]["per_seed"]["0"]
