@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,8 @@ from megatron_dispo.rollout.placement import ReplicaPlacement, deal_groups, plac
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
@@ -331,6 +333,17 @@ class ReplicatedEngine:
         self._require_driver("release")
         if self._group is not None:
             self._broadcast(torch.tensor([_OP_RELEASE] + [0] * (_HEADER_SIZE - 1), dtype=torch.int64), "release")
+
+    def serving_phase(self, drive: Callable[[], _T]) -> _T | None:
+        """One serving phase, called on every rank: the driver runs ``drive`` (whose ``generate`` / ``score`` calls
+        reach every replica) and then releases the others, which serve until that release. Returns ``drive``'s
+        result on the driver, None on the serving ranks."""
+        if not self.is_driver:
+            self.serve()
+            return None
+        result = drive()
+        self.release()
+        return result
 
     # ------------------------------------------------------------------ serving side
     def serve(self) -> int:

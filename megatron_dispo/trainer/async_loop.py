@@ -53,6 +53,7 @@ from megatron_dispo.trainer.step_batch import (
     routed_shape,
     unpack_step_batch,
 )
+from megatron_dispo.trainer.step_metrics import replica_refit_metrics
 
 __all__ = ["AsyncTrainer", "RolloutWorker", "run_dedicated", "staleness_metrics"]
 
@@ -394,35 +395,23 @@ class RolloutWorker:
 
     def _replica_refit_metrics(self, seconds: float, payload_bytes: int) -> dict[str, float]:
         """``refit/replica{i}/{time_s,bytes}`` of every replica (its leader's figures), over the rollout world."""
-        placement = self.engine.placement
         mine = torch.tensor([seconds, float(payload_bytes)], dtype=torch.float64)
         rows = [mine]
         if dist.is_initialized():
             rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
             dist.all_gather(rows, mine)
-        out: dict[str, float] = {}
-        for rank, row in enumerate(rows):
-            if rank % placement.tensor_parallel_size == 0:
-                replica = rank // placement.tensor_parallel_size
-                out[f"refit/replica{replica}/time_s"], out[f"refit/replica{replica}/bytes"] = row.tolist()
-        return out
+        return replica_refit_metrics([row.tolist() for row in rows], self.engine.placement.tensor_parallel_size)
 
     def _evaluate(self) -> dict[str, float]:
         """Held-out accuracy on every replica: the driver evaluates, the other rollout ranks serve it."""
-        if not self.is_driver:
-            self.engine.serve()
-            return {}
-        metrics = self.collector.evaluate()
-        self.engine.release()
-        return metrics
+        return self.engine.serving_phase(lambda: self.collector.evaluate()) or {}
 
     def _generate(self, step: int, granularity: int) -> tuple[StepBatch | None, dict[str, float]]:
         """This step's batch (driver; every replica generates its share) or None (the ranks that serve)."""
-        if not self.is_driver:
-            self.engine.serve()
+        collected = self.engine.serving_phase(lambda: self.collector.collect(step, granularity=granularity))
+        if collected is None:
             return None, {}
-        groups, metrics = self.collector.collect(step, granularity=granularity)
-        self.engine.release()
+        groups, metrics = collected
         return self.collector.to_step_batch(groups, step), metrics
 
     def run(self) -> int:

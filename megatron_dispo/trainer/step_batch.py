@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dispo.rollout.batch import FINISH_REASONS
+from megatron_dispo.rollout.routing_capture import NO_ROUTE
 
 _HEADER_FIELDS = 5  # sequences, total tokens, total response tokens, routed MoE layers, routed top-k
 _PER_SEQUENCE_FIELDS = 6  # prompt_lens, response_lens, correct, valid, finish_codes, policy_version
@@ -129,7 +130,7 @@ def _pack_routed(
         tokens = len(prompt) + len(response)
         if rows.dim() != 3 or rows.shape[0] != tokens - 1:
             raise ValueError(f"sequence {index}: routed_experts {tuple(rows.shape)}, expected [{tokens - 1}, L, k].")
-        pieces.append(torch.cat([rows.to(torch.int16), torch.full((1, *rows.shape[1:]), -1, dtype=torch.int16)]))
+        pieces.append(torch.cat([rows.to(torch.int16), torch.full((1, *rows.shape[1:]), NO_ROUTE, dtype=torch.int16)]))
     return torch.cat(pieces)
 
 

@@ -12,6 +12,16 @@ import torch.distributed as dist
 from megatron_dispo.algorithms.telemetry import METRIC_REDUCTIONS
 
 
+def replica_refit_metrics(seconds_and_bytes: Sequence[Sequence[float]], tensor_parallel_size: int) -> dict[str, float]:
+    """``refit/replica{i}/{time_s,bytes}`` from every rank's (seconds, payload bytes) in rank order: one row per
+    replica, its leader's (the first of each ``tensor_parallel_size`` consecutive ranks)."""
+    out: dict[str, float] = {}
+    for replica, (seconds, payload_bytes) in enumerate(seconds_and_bytes[::tensor_parallel_size]):
+        out[f"refit/replica{replica}/time_s"] = float(seconds)
+        out[f"refit/replica{replica}/bytes"] = float(payload_bytes)
+    return out
+
+
 def reward_metrics(
     rewards: torch.Tensor, shaped: torch.Tensor, correct: torch.Tensor, lengths: torch.Tensor, advantages: torch.Tensor
 ) -> dict[str, float]:
