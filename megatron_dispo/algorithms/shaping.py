@@ -63,3 +63,8 @@ def apply_overlong_penalty(rewards: torch.Tensor, lengths: torch.Tensor, config:
         raise ValueError(f"rewards {list(rewards.shape)} and lengths {shape} must be tensors of the same shape.")
     dtype = rewards.dtype if rewards.dtype.is_floating_point else torch.float32
     return rewards.to(dtype) + overlong_penalty(lengths, config).to(dtype)
+
+
+def binary_rewards(correct: torch.Tensor) -> torch.Tensor:
+    """The paper's outcome reward: +1 for a correct response, -1 otherwise (before overlong shaping)."""
+    return torch.where(correct.to(torch.bool), 1.0, -1.0)

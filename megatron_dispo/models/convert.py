@@ -77,6 +77,8 @@ class ShardLayout:
     pp_rank: int = 0
     pp_size: int = 1
     pp_group: Any = None
+    host_pp_group: Any = None
+    """A gloo mirror of ``pp_group`` for the stages' manifests (objects; ``pp_group`` is NCCL on GPU)."""
     dp_rank: int = 0
     """Data-parallel rank of the dense part; DP replicas hold identical weights."""
     expert_dp_rank: int = 0
@@ -102,6 +104,7 @@ class ShardLayout:
             pp_rank=ps.get_pipeline_model_parallel_rank(),
             pp_size=ps.get_pipeline_model_parallel_world_size(),
             pp_group=ps.get_pipeline_model_parallel_group(),
+            host_pp_group=_host_pp_group(),
             dp_rank=ps.get_data_parallel_rank(),
             expert_dp_rank=ps.get_expert_data_parallel_rank(),
         )
@@ -187,9 +190,19 @@ def _all_expected_hf_names(model: torch.nn.Module, hf_config: Any, layout: Shard
             expected.update(entry.hf_names)
     if layout.pp_size > 1:
         stages: list[set[str] | None] = [None] * layout.pp_size
-        dist.all_gather_object(stages, expected, group=layout.pp_group)
+        dist.all_gather_object(stages, expected, group=layout.host_pp_group or layout.pp_group)
         expected = set().union(*(stage or set() for stage in stages))
     return expected
+
+
+def _host_pp_group() -> Any:
+    """The pipeline group's host mirror when ``initialize_parallel`` made one (Megatron's state alone has none)."""
+    from megatron_dispo.models.parallel import host_group
+
+    try:
+        return host_group("pp")
+    except RuntimeError:
+        return None
 
 
 def _full_shape(local_shape: torch.Size, tp_split: str, size: int) -> tuple[int, ...]:
@@ -339,7 +352,7 @@ def _stage_manifests(own: list[tuple[ResolvedParam, Tensor]], layout: ShardLayou
     if layout.pp_size == 1:
         return [manifest]
     stages: list[_Manifest | None] = [None] * layout.pp_size
-    dist.all_gather_object(stages, manifest, group=layout.pp_group)
+    dist.all_gather_object(stages, manifest, group=layout.host_pp_group or layout.pp_group)
     return [stage or [] for stage in stages]
 
 

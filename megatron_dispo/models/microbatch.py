@@ -10,6 +10,7 @@ Tensor alignment: sequences are ``prompt + response`` token ids, right-padded to
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 
 from megatron_dispo.models.routing_replay import align_routed_experts
 
-__all__ = ["MicroBatch", "build_microbatch"]
+__all__ = ["MicroBatch", "build_microbatch", "with_old_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class MicroBatch:
     routed_experts: torch.Tensor | None = None
     """MoE only: int64 [n, T, moe_layers, top_k] experts the rollout engine routed input token j to (``NO_ROUTE``
     where it reported none), for routing replay and the router-agreement metric (``models/routing_replay.py``)."""
+    correct: torch.Tensor | None = None
+    """[n] bool: verified correct (the losses that treat correct and incorrect responses apart read it)."""
+    rollout_logprobs: torch.Tensor | None = None
+    """[n, T-1] the engine's log-probs of the sampled tokens (0 outside the response), for truncated importance
+    sampling against pi_old (``algorithms/tis.py``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -55,10 +61,13 @@ def build_microbatch(
     advantages: torch.Tensor | None = None,
     pad_to_multiple_of: int = 1,
     routed_experts: Sequence[torch.Tensor] | None = None,
+    correct: torch.Tensor | None = None,
+    rollout_logprobs: Sequence[Sequence[float]] | None = None,
 ) -> MicroBatch:
-    """Pad the chosen sequences into tensors; ``old_logprobs[i]`` holds one value per response token of sequence i
-    (a list indexed by sequence, or a mapping holding at least the chosen sequences); ``routed_experts[i]`` is
-    sequence i's engine routing ``[tokens, moe_layers, top_k]``, row j for input token j."""
+    """Pad the chosen sequences into tensors; ``old_logprobs[i]`` (and ``rollout_logprobs[i]``) holds one value per
+    response token of sequence i (a list indexed by sequence, or a mapping holding at least the chosen sequences);
+    ``routed_experts[i]`` is sequence i's engine routing ``[tokens, moe_layers, top_k]``, row j for input token j;
+    ``correct`` is indexed by sequence like ``advantages``."""
     lengths = [len(prompt_ids[i]) + len(response_ids[i]) for i in indices]
     width = max(lengths)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -66,6 +75,7 @@ def build_microbatch(
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((n, width - 1), dtype=torch.float32)
     old = torch.zeros((n, width - 1), dtype=torch.float32) if old_logprobs is not None else None
+    behaviour = torch.zeros((n, width - 1), dtype=torch.float32) if rollout_logprobs is not None else None
     for row, index in enumerate(indices):
         prompt = torch.as_tensor(prompt_ids[index], dtype=torch.long)  # lists or tensor views of a packed batch
         response = torch.as_tensor(response_ids[index], dtype=torch.long)
@@ -82,10 +92,25 @@ def build_microbatch(
                     f"old_logprobs of sequence {index} has {len(values)} values for {len(response)} response tokens."
                 )
             old[row, start:stop] = torch.as_tensor(values, dtype=torch.float32)
+        if behaviour is not None:
+            assert rollout_logprobs is not None
+            behaviour[row, start:stop] = torch.as_tensor(rollout_logprobs[index], dtype=torch.float32)
     adv = advantages[list(indices)].to(torch.float32) if advantages is not None else None
     routed = None
     if routed_experts is not None:
         chosen = [routed_experts[i] for i in indices]
         layers, top_k = chosen[0].shape[1:]
         routed = align_routed_experts(chosen, width, num_layers=int(layers), top_k=int(top_k))
-    return MicroBatch(tuple(indices), input_ids, mask, old, adv, pad_token_id, routed)
+    chosen_correct = correct[list(indices)].to(torch.bool) if correct is not None else None
+    return MicroBatch(tuple(indices), input_ids, mask, old, adv, pad_token_id, routed, chosen_correct, behaviour)
+
+
+def with_old_logprobs(batch: MicroBatch, values: Mapping[int, torch.Tensor]) -> MicroBatch:
+    """``batch`` with pi_old filled in from per-sequence values of its response tokens (where ``response_mask`` is
+    set: a sample excluded from the loss has no values and keeps zeros)."""
+    old = torch.zeros_like(batch.response_mask)
+    for row, index in enumerate(batch.indices):
+        where = batch.response_mask[row] > 0
+        if bool(where.any()):
+            old[row, where] = torch.as_tensor(values[index], dtype=torch.float32)
+    return dataclasses.replace(batch, old_logprobs=old)

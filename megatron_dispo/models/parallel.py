@@ -103,8 +103,42 @@ def initialize_parallel(config: ParallelConfig, *, seed: int = 1234, timeout_min
             expert_tensor_parallel_size=config.expert_tensor_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
         )
+    _register_groups(timeout_minutes)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+_HOST_GROUPS: dict[str, dist.ProcessGroup] = {}
+
+
+def _register_groups(timeout_minutes: int) -> None:
+    """Name every group by purpose: Megatron's model-parallel groups carry model tensors (``device``: NCCL on GPU);
+    its gloo data-parallel group and a gloo mirror of the pipeline group carry host data (metrics, manifests)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_dispo.comm.groups import host_mirror, init_host_world, register_group
+
+    timeout = timedelta(minutes=timeout_minutes)
+    init_host_world(timeout)
+    for name, get in (
+        ("tp", ps.get_tensor_model_parallel_group),
+        ("pp", ps.get_pipeline_model_parallel_group),
+        ("dp", ps.get_data_parallel_group),
+        ("ep", ps.get_expert_model_parallel_group),
+        ("mp", ps.get_model_parallel_group),
+    ):
+        register_group(get(), "device", name)
+    if "dp" not in _HOST_GROUPS:
+        _HOST_GROUPS["dp"] = register_group(ps.get_data_parallel_group_gloo(), "host", "host-dp")
+        pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+        _HOST_GROUPS["pp"] = host_mirror(pp_ranks, "host-pp", timeout)
+
+
+def host_group(name: str) -> dist.ProcessGroup:
+    """This rank's host (gloo) ``dp`` or ``pp`` group, for CPU tensors and objects beside the model's groups."""
+    if name not in _HOST_GROUPS:
+        raise RuntimeError(f"no host group {name!r}: initialize_parallel() first (known: dp, pp).")
+    return _HOST_GROUPS[name]
 
 
 def parallel_seed() -> int:
@@ -129,7 +163,11 @@ def destroy_parallel() -> None:
     """Tear down Megatron's parallel state and the default process group (the compat layer is kept installed)."""
     from megatron.core import parallel_state
 
+    from megatron_dispo.comm.groups import forget_groups
+
     parallel_state.destroy_model_parallel()
+    _HOST_GROUPS.clear()
+    forget_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -24,6 +24,7 @@ import torch
 from megatron_dispo.algorithms.loss_config import PolicyLossConfig
 from megatron_dispo.algorithms.losses import compute_policy_loss
 from megatron_dispo.algorithms.telemetry import METRIC_KEYS, pack_metrics, unpack_metrics
+from megatron_dispo.algorithms.tis import truncated_is_weights
 from megatron_dispo.models.builder import build_model, model_forward_logits
 from megatron_dispo.models.convert import export_hf_weights, load_hf_weights
 from megatron_dispo.models.logprobs import vocab_parallel_logprobs_entropy
@@ -107,6 +108,8 @@ class MegatronPolicy:
             old_logprobs=move(batch.old_logprobs),
             advantages=move(batch.advantages),
             routed_experts=move(routed),
+            correct=move(batch.correct),
+            rollout_logprobs=move(batch.rollout_logprobs),
         )
 
     def _token_logprobs(
@@ -315,45 +318,46 @@ class MegatronPolicy:
         *,
         num_global_tokens: int,
         num_global_sequences: int,
-        correct: Sequence[torch.Tensor | None] | None = None,
-        token_advantages: Sequence[torch.Tensor | None] | None = None,
-        captured_old_logprobs: dict[int, torch.Tensor] | None = None,
+        old_logprobs: OldLogprobsMode = "given",
+        tis_cap: float | None = None,
         routing: RoutingCounts | None = None,
-    ) -> dict[str, float]:
+    ) -> MinibatchResult:
         """One optimizer step over this rank's micro-batches of a mini-batch; metrics are global (all DP ranks).
 
-        ``token_advantages[i]`` optionally replaces micro-batch i's per-sequence advantages by a [n, T-1] tensor
-        (used for truncated importance-sampling correction: A times a per-token weight).
+        Everything an update reads travels in the micro-batches: advantages, correctness, pi_old, the engine's
+        log-probs (for TIS) and the engine's routing. ``old_logprobs`` says where pi_old comes from:
 
-        A micro-batch without ``old_logprobs`` is trained on-policy: before this step's first update the policy *is*
-        pi_old, so its own detached log-probs serve as pi_old (r = 1 exactly) and the separate no-grad pi_old forward
-        for that mini-batch is saved. They are stored per sequence in ``captured_old_logprobs`` when given, and
-        ``routing`` accumulates the router agreement of that pi_old forward.
+        - ``"given"``: every micro-batch carries it (the no-grad pi_old pass ran before);
+        - ``"capture"``: none does: this is the step's first update, before any weight change, so the policy *is*
+          pi_old and its own detached log-probs serve (r = 1 exactly); they are returned per sequence, and
+          ``routing`` accumulates that forward's router agreement (it is those sequences' pi_old pass).
+
+        With ``tis_cap`` each token's advantage is multiplied by min(pi_old / pi_rollout, cap) (``algorithms/tis``),
+        which needs pi_old given.
         """
+        _check_update_inputs(batches, old_logprobs, tis_cap)
         self.model.train()
         zero_grads([self.model], self.optimizer)
-        if not batches:
-            raise ValueError("train_minibatch got no micro-batches; every DP rank needs at least one.")
         packed: list[list[float] | None] = [None] * len(batches)
         entropy_sums: list[torch.Tensor | None] = [None] * len(batches)
         on_policy: list[torch.Tensor | None] = [None] * len(batches)
 
         def loss_of(i: int, batch: MicroBatch, logits: torch.Tensor) -> torch.Tensor:
             logprobs, entropy = self._token_logprobs(batch, logits, with_entropy=True, temperature=None)
-            old_logprobs = batch.old_logprobs
-            if old_logprobs is None:
-                old_logprobs = on_policy[i] = logprobs.detach() * batch.response_mask
+            pi_old = batch.old_logprobs
+            if pi_old is None:
+                pi_old = on_policy[i] = logprobs.detach() * batch.response_mask
             advantages = batch.advantages
-            if token_advantages and token_advantages[i] is not None:
-                advantages = token_advantages[i].to(self.device)  # type: ignore[union-attr]
-            is_correct = None if correct is None else correct[i]
+            if tis_cap is not None and batch.rollout_logprobs is not None and advantages is not None:
+                weights = truncated_is_weights(pi_old, batch.rollout_logprobs, batch.response_mask, tis_cap)
+                advantages = advantages.unsqueeze(1) * weights
             loss, metrics = compute_policy_loss(
                 logprobs,
-                old_logprobs,
+                pi_old,
                 advantages,
                 batch.response_mask,
                 loss_config,
-                correct=None if is_correct is None else is_correct.to(self.device),
+                correct=batch.correct,
                 num_global_tokens=num_global_tokens,
                 num_global_sequences=num_global_sequences,
                 entropy=entropy,
@@ -364,7 +368,10 @@ class MegatronPolicy:
 
         # the router's load-balancing loss is a per-micro-batch mean: weight it so the step sees its average
         aux_scale = 1.0 / (len(batches) * self.dp_size) if self.is_moe else None
-        self._run_schedule(batches, loss_of, forward_only=False, aux_loss_scale=aux_scale, routing=routing)
+        self._run_schedule(
+            batches, loss_of, forward_only=False, aux_loss_scale=aux_scale,
+            routing=routing if old_logprobs == "capture" else None,
+        )  # fmt: skip
         result = finalize_and_step([self.model], self.optimizer)
         totals = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
         if all(p is not None for p in packed):
@@ -378,21 +385,47 @@ class MegatronPolicy:
         if self.dp_size > 1:
             torch.distributed.all_reduce(totals, group=self.dp_group)
         totals = totals.cpu()
-        if captured_old_logprobs is not None and any(batch.old_logprobs is None for batch in batches):
-            captured = self._logprobs_of_all_stages(batches, on_policy)
-            for batch, values in zip(batches, captured, strict=True):
-                if batch.old_logprobs is None:
-                    captured_old_logprobs.update(response_values(batch, values))
+        captured: dict[int, torch.Tensor] = {}
+        if old_logprobs == "capture":
+            for batch, values in zip(batches, self._logprobs_of_all_stages(batches, on_policy), strict=True):
+                captured.update(response_values(batch, values))
         metrics = unpack_metrics(totals[:-1])
         metrics["entropy"] = float(totals[-1]) / max(num_global_tokens, 1)
         metrics["grad_norm"] = result.grad_norm
         metrics["update_skipped"] = float(not result.updated)
-        return metrics
+        return MinibatchResult(metrics, captured)
 
     # ------------------------------------------------------------------ weights
     def export_weights(self, destination: Literal["all", "rank0"] = "rank0") -> Iterator[tuple[str, torch.Tensor]]:
         """Stream (hf_name, full tensor) for refit / HF export; every rank must consume it to the end."""
         return export_hf_weights(self.model, self.hf_config, destination=destination)
+
+
+OldLogprobsMode = Literal["given", "capture"]
+"""Where an update's pi_old comes from (:meth:`MegatronPolicy.train_minibatch`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MinibatchResult:
+    """One optimizer step's global metrics, and pi_old per sequence when it was captured by that step's forward."""
+
+    metrics: dict[str, float]
+    captured_old_logprobs: dict[int, torch.Tensor]
+
+
+def _check_update_inputs(batches: Sequence[MicroBatch], mode: OldLogprobsMode, tis_cap: float | None) -> None:
+    """The micro-batches must carry what the mode says (a programming error otherwise, named here)."""
+    if not batches:
+        raise ValueError("train_minibatch got no micro-batches; every DP rank needs at least one.")
+    if mode not in ("given", "capture"):
+        raise ValueError(f"old_logprobs={mode!r}: use 'given' or 'capture'.")
+    carried = [batch.old_logprobs is not None for batch in batches]
+    if mode == "given" and not all(carried):
+        raise ValueError("old_logprobs='given' but a micro-batch has no old_logprobs; run the pi_old pass first.")
+    if mode == "capture" and any(carried):
+        raise ValueError("old_logprobs='capture' but a micro-batch already carries old_logprobs.")
+    if tis_cap is not None and mode == "capture":
+        raise ValueError("TIS needs pi_old before the update's forward: use old_logprobs='given' with tis_cap.")
 
 
 class _SetAuxLossScale(torch.autograd.Function):

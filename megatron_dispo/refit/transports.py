@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_dispo.comm.channel import Channel, GroupChannel
+from megatron_dispo.comm.groups import group_purpose
 from megatron_dispo.refit.buckets import BucketLayout, NamedTensor, PackedBucket, pack_bucket, unpack_bucket
 from megatron_dispo.refit.config import TransportName
 
@@ -198,57 +200,88 @@ class CudaIpcTransport:
 
 
 class NcclBroadcastTransport:
-    """Buckets -> (layout object, flat buffer) broadcasts from ``src`` over ``group`` (separate engines).
+    """Buckets -> (layout object, flat buffer) broadcasts from ``src`` (separate engines).
 
-    The engine side runs :func:`receive_broadcast_buckets` on every receiving rank and feeds the tensors to its
-    ``update_weights``. With NCCL the buffer lives on ``device`` (a GPU); with gloo (tests) on the CPU.
+    The layout, a small object, goes on the ``meta`` channel (host: gloo); the buffer on the ``data`` channel (NCCL
+    with the buffer on the GPU; gloo with it on the CPU, which is how the CPU path and the tests run). The engine side
+    runs :func:`receive_broadcast_buckets` with the same channels. Given a plain process ``group`` instead, both go on
+    it (``src`` is then a global rank).
     """
 
     name = "nccl"
 
-    def __init__(self, group: dist.ProcessGroup | None, src: int, device: torch.device | None = None) -> None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise TransportUnavailableError(
-                "transport='nccl' needs an initialised torch.distributed process group joining trainer and engine; "
-                "call torch.distributed.init_process_group first or use transport='colocated'."
-            )
-        self.group = group
-        self.src = src
-        backend = dist.get_backend(group)
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        self.device = device
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        src: int = 0,
+        device: torch.device | None = None,
+        *,
+        meta: Channel | None = None,
+        data: Channel | None = None,
+    ) -> None:
+        if meta is None:
+            meta, src = _group_channel(group, src), _group_rank(group, src)
+        self.meta, self.data, self.src = meta, data or meta, src
+        self.device = device or _buffer_device(self.data)
 
     def transfer(self, buckets: Iterable[list[NamedTensor]]) -> TransferCounters:
         """Broadcast each bucket, then the end-of-stream marker."""
         counters = TransferCounters()
         for bucket in buckets:
             packed = pack_bucket(bucket, device=self.device)
-            dist.broadcast_object_list([packed.layout], src=self.src, group=self.group)
-            dist.broadcast(packed.buffer, src=self.src, group=self.group)
+            self.meta.broadcast_object(packed.layout, self.src)
+            self.data.broadcast(packed.buffer, self.src)
             counters.num_buckets += 1
             counters.num_tensors += len(bucket)
             counters.payload_bytes += packed.layout.payload_bytes
             del packed, bucket
-        dist.broadcast_object_list([None], src=self.src, group=self.group)
+        self.meta.broadcast_object(None, self.src)
         return counters
 
 
 def receive_broadcast_buckets(
-    group: dist.ProcessGroup | None, src: int, device: torch.device | None = None
+    group: dist.ProcessGroup | None = None,
+    src: int = 0,
+    device: torch.device | None = None,
+    *,
+    meta: Channel | None = None,
+    data: Channel | None = None,
 ) -> Iterator[list[NamedTensor]]:
     """Receiving side of :class:`NcclBroadcastTransport`: yield each bucket's tensors (views of a fresh buffer)."""
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    if meta is None:
+        meta, src = _group_channel(group, src), _group_rank(group, src)
+    data = data or meta
+    device = device or _buffer_device(data)
     while True:
-        holder: list[BucketLayout | None] = [None]
-        dist.broadcast_object_list(holder, src=src, group=group)
-        layout = holder[0]
+        layout: BucketLayout | None = meta.broadcast_object(None, src)
         if layout is None:
             return
         buffer = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
-        dist.broadcast(buffer, src=src, group=group)
+        data.broadcast(buffer, src)
         yield unpack_bucket(buffer, layout)
+
+
+def _group_channel(group: dist.ProcessGroup | None, src: int) -> Channel:
+    if not dist.is_available() or not dist.is_initialized():
+        raise TransportUnavailableError(
+            "transport='nccl' needs an initialised torch.distributed process group joining trainer and engine; "
+            "call torch.distributed.init_process_group first or use transport='colocated'."
+        )
+    group = group if group is not None else dist.group.WORLD
+    role = group_purpose(group)
+    purpose = role.purpose if role is not None else ("device" if dist.get_backend(group) == "nccl" else "host")
+    return GroupChannel(group, purpose, "refit")
+
+
+def _group_rank(group: dist.ProcessGroup | None, src: int) -> int:
+    return src if group is None else dist.get_group_rank(group, src)
+
+
+def _buffer_device(data: Channel) -> torch.device:
+    """Where a bucket buffer must live for ``data``: the current GPU on a device (NCCL) channel, else the CPU."""
+    if data.purpose == "device" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def resolve_transport(

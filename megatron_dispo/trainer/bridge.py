@@ -7,9 +7,9 @@ engines, and:
 - training ranks ``0..W-n-1`` start their default group over themselves only (:func:`init_training_world`), on a
   prefix of the job's rendezvous store (torchrun's agent store, or one hosted by global rank 0 without torchrun), so no
   second port has to be agreed on;
-- training rank 0 and the rollout ranks form a :class:`Bridge`: a standalone ``ProcessGroupGloo`` on another prefix of
-  the same store, used only through its own ops (``pg.send`` / ``pg.recv`` / ``pg.broadcast``), so it is never
-  registered in torch.distributed's world and cannot clash with the rollout rank's private vLLM world.
+- training rank 0 and the rollout ranks form a bridge (``comm.StoreBridge``): a standalone gloo group on another
+  prefix of the same store for host data, plus (on GPU) an NCCL one for the weights, used only through their own
+  ops, so they are never registered in torch.distributed's world and cannot clash with a private vLLM world.
 
 Every wait is bounded: gloo raises after the bridge's timeout, and a peer that died closes its sockets, which fails
 the other side's pending op at once.
@@ -18,18 +18,23 @@ the other side's pending op at once.
 from __future__ import annotations
 
 import os
-import pickle
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Bridge", "BridgeError", "JobLayout", "init_rollout_world", "init_training_world", "job_layout", "job_store"]
+from megatron_dispo.comm.channel import BridgeError, StoreBridge
+from megatron_dispo.comm.groups import register_group
 
-
-class BridgeError(RuntimeError):
-    """The other side of the bridge stopped, died, or did not answer within the timeout."""
+__all__ = [
+    "BridgeError",
+    "JobLayout",
+    "init_rollout_world",
+    "init_training_world",
+    "job_layout",
+    "job_store",
+    "open_bridges",
+]
 
 
 class JobLayout:
@@ -119,71 +124,19 @@ def init_rollout_world(layout: JobLayout, store: dist.Store, timeout: timedelta)
     dist.init_process_group(
         "gloo", store=dist.PrefixStore("rollout/", store), rank=rank, world_size=size, timeout=timeout
     )
+    register_group(dist.group.WORLD, "host", "rollout-world")  # gloo on GPU too: only host data between engines
 
 
-class Bridge:
-    """A gloo group of training rank 0 (bridge rank 0) and the rollout ranks; point-to-point messages and broadcasts.
+def open_bridges(layout: JobLayout, store: dist.Store, timeout: timedelta) -> tuple[StoreBridge, StoreBridge]:
+    """(host bridge, weight bridge) between training rank 0 and the rollout ranks (only they call this).
 
-    Objects travel as a length header and a pickled byte tensor (a few per step: batch metadata, metrics, control),
-    tensors as they are. Every call returns or raises :class:`BridgeError` within ``timeout``.
+    The host bridge (gloo) carries messages and batches. Weights travel on an NCCL bridge when CUDA is available
+    (the buffers stay on the GPUs: the refit transport's broadcast), else on the host bridge itself.
     """
-
-    def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta) -> None:
-        self.rank = rank
-        self.size = size
-        self.timeout = timeout
-        self.pg = dist.ProcessGroupGloo(dist.PrefixStore("bridge/", store), rank, size, timeout)
-        self._tag = 0
-
-    # ------------------------------------------------------------------ tensors
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        self._wait(self.pg.send([tensor.contiguous()], dst, 0), f"send to bridge rank {dst}")
-
-    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        self._wait(self.pg.recv([tensor], src, 0), f"receive from bridge rank {src}")
-        return tensor
-
-    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        opts = dist.BroadcastOptions()
-        opts.rootRank = src
-        opts.rootTensor = 0
-        self._wait(self.pg.broadcast([tensor], opts), f"broadcast from bridge rank {src}")
-        return tensor
-
-    # ------------------------------------------------------------------ objects
-    def send_object(self, obj: Any, dst: int) -> None:
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-        self.send(torch.tensor([payload.numel()], dtype=torch.int64), dst)
-        self.send(payload, dst)
-
-    def recv_object(self, src: int) -> Any:
-        size = self.recv(torch.zeros(1, dtype=torch.int64), src)
-        payload = self.recv(torch.empty(int(size.item()), dtype=torch.uint8), src)
-        return pickle.loads(payload.numpy().tobytes())
-
-    def broadcast_object(self, obj: Any, src: int) -> Any:
-        """``src``'s object on every bridge rank (others pass None)."""
-        size = torch.zeros(1, dtype=torch.int64)
-        payload = torch.empty(0, dtype=torch.uint8)
-        if self.rank == src:
-            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-            size[0] = payload.numel()
-        self.broadcast(size, src)
-        if self.rank != src:
-            payload = torch.empty(int(size.item()), dtype=torch.uint8)
-        self.broadcast(payload, src)
-        return obj if self.rank == src else pickle.loads(payload.numpy().tobytes())
-
-    def _wait(self, work: Any, what: str) -> None:
-        try:
-            work.wait(self.timeout)
-        except RuntimeError as exc:  # gloo: timeout, or the peer's sockets closed (it exited or died)
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BridgeError(
-                f"bridge rank {self.rank}: {what} failed within {self.timeout.total_seconds():.0f} s (the other side "
-                f"stopped or died): {first_line}"
-            ) from None
-
-    def close(self) -> None:
-        """Drop the group's sockets (the peer's pending ops then fail at once instead of waiting for the timeout)."""
-        self.pg = None  # type: ignore[assignment]
+    assert layout.bridge_rank is not None
+    host = StoreBridge(store, layout.bridge_rank, layout.bridge_size, timeout, name="bridge")
+    if not torch.cuda.is_available():
+        return host, host
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    weights = StoreBridge(store, layout.bridge_rank, layout.bridge_size, timeout, backend="nccl", name="bridge-weights")
+    return host, weights

@@ -24,15 +24,6 @@ def run(args: argparse.Namespace) -> int:
         config.validate_for_world(world, hf_config=config.load_hf_config())
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from exc
-    if config.rollout.placement == "dedicated":
-        from megatron_dispo.trainer.async_loop import run_dedicated
+    from megatron_dispo.trainer.launch import run_training_job
 
-        return run_dedicated(config)
-    from megatron_dispo.trainer.loop import Trainer
-
-    trainer = Trainer(config)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return 0
+    return run_training_job(config)

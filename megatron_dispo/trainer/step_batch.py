@@ -2,49 +2,53 @@
 
 The engine rank turns its kept prompt groups into one :class:`StepBatch`: every sequence's prompt + response token
 ids concatenated into one int64 tensor, the sampled tokens' engine log-probs into one float32 tensor, and per-sequence
-lengths, correctness and finish reasons. Other ranks receive it through a handful of ``dist.broadcast`` calls (a
-fixed-size header with the lengths first, then the payload tensors), so nothing is pickled per token and the cost is
-a few collectives whatever the batch size. Per-sequence views (:attr:`StepBatch.prompts`, :attr:`StepBatch.responses`)
-are slices of the packed tensors, not copies.
+lengths, correctness and finish reasons. Each field is a declared column (``column(rows)``): the table codec
+(``comm.codec``) carries all of them in one header and one byte buffer over any channel, a training group or the
+bridge from the rollout ranks, so a new per-token field is one line here. Per-sequence views (:attr:`StepBatch.prompts`,
+:attr:`StepBatch.responses`) are slices of the packed tensors, not copies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
+from megatron_dispo.comm.channel import Channel
+from megatron_dispo.comm.codec import Column, broadcast_table, recv_table, send_table
 from megatron_dispo.rollout.batch import FINISH_REASONS
 from megatron_dispo.rollout.routing_capture import NO_ROUTE
 
-_HEADER_FIELDS = 5  # sequences, total tokens, total response tokens, routed MoE layers, routed top-k
-_PER_SEQUENCE_FIELDS = 6  # prompt_lens, response_lens, correct, valid, finish_codes, policy_version
+
+def column(rows: str) -> dict[str, Column]:
+    """Field metadata of a StepBatch column (a field that travels): ``rows`` says what its first dimension counts."""
+    return {"column": Column(rows)}  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
 class StepBatch:
     """The kept rollouts of one step: N sequences, G contiguous responses per prompt."""
 
-    tokens: torch.Tensor
+    tokens: torch.Tensor = field(metadata=column("token"))
     """int64 [sum of prompt + response lengths]: each sequence's prompt ids followed by its response ids."""
-    prompt_lens: torch.Tensor
+    prompt_lens: torch.Tensor = field(metadata=column("sequence"))
     """int64 [N]."""
-    response_lens: torch.Tensor
+    response_lens: torch.Tensor = field(metadata=column("sequence"))
     """int64 [N]."""
-    rollout_logprobs: torch.Tensor
+    rollout_logprobs: torch.Tensor = field(metadata=column("response_token"))
     """float32 [sum of response lengths]: the engine's log-prob of each sampled token (behaviour policy)."""
-    correct: torch.Tensor
+    correct: torch.Tensor = field(metadata=column("sequence"))
     """bool [N]: verified correct and not repetition-truncated."""
-    valid: torch.Tensor
+    valid: torch.Tensor = field(metadata=column("sequence"))
     """bool [N]: False for samples the verifier-failure policy drops from their group."""
-    finish_codes: torch.Tensor
+    finish_codes: torch.Tensor = field(metadata=column("sequence"))
     """int8 [N]: index into :data:`FINISH_REASONS`."""
-    policy_version: torch.Tensor | None = None
+    policy_version: torch.Tensor | None = field(default=None, metadata=column("sequence"))
     """int64 [N]: updates the generating policy had completed (dedicated rollout ranks); None means all 0."""
-    routed_experts: torch.Tensor | None = None
+    routed_experts: torch.Tensor | None = field(default=None, metadata=column("token"))
     """int16 [sum of prompt + response lengths, moe_layers, top_k], row-aligned with :attr:`tokens`: the experts the
     engine routed each input token to (``NO_ROUTE`` = -1 where unrecorded, always for a sequence's last token, which
     the engine never fed back). None unless the engine captured routing (MoE routing replay)."""
@@ -134,80 +138,35 @@ def _pack_routed(
     return torch.cat(pieces)
 
 
-def routed_shape(batch: StepBatch) -> tuple[int, int]:
-    """(MoE layers, top-k) of the batch's routing; (0, 0) without routing."""
-    if batch.routed_experts is None:
-        return 0, 0
-    return int(batch.routed_experts.shape[1]), int(batch.routed_experts.shape[2])
+def _columns() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(StepBatch) if "column" in f.metadata)
 
 
-def routed_bytes(batch: StepBatch) -> torch.Tensor | None:
-    """The routing as uint8 bytes for collectives (neither gloo nor NCCL moves int16); see :func:`routed_buffer`."""
-    return None if batch.routed_experts is None else batch.routed_experts.contiguous().view(torch.uint8)
+def to_table(batch: StepBatch) -> dict[str, torch.Tensor | None]:
+    """The batch's declared columns by name (what the codec carries)."""
+    return {name: getattr(batch, name) for name in _columns()}
 
 
-def routed_buffer(num_tokens: int, layers: int, top_k: int) -> torch.Tensor | None:
-    """Receive buffer for :func:`routed_bytes` (``.view(torch.int16)`` it after the transfer); None for no routing."""
-    return torch.empty((num_tokens, layers, 2 * top_k), dtype=torch.uint8) if layers else None
+def from_table(table: dict[str, torch.Tensor | None]) -> StepBatch:
+    """Inverse of :func:`to_table` (columns the sender did not know stay at their defaults)."""
+    return StepBatch(**{name: table[name] for name in _columns() if name in table})
 
 
-def broadcast_step_batch(batch: StepBatch | None, *, src: int = 0, group: dist.ProcessGroup | None = None) -> StepBatch:
-    """``src``'s batch on every rank of ``group``: one header broadcast, then one broadcast per packed tensor.
-
-    ``batch`` is read on ``src`` only (other ranks pass None). Single-process runs return it unchanged.
-    """
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+def broadcast_step_batch(batch: StepBatch | None, *, src: int, channel: Channel | None) -> StepBatch:
+    """``src``'s batch on every rank of ``channel`` (a host channel: the batch lives on the CPU); ``batch`` is read on
+    ``src`` only. Without a channel (one process) it is returned as is."""
+    if channel is None or channel.size == 1:
         if batch is None:
             raise ValueError("broadcast_step_batch: the source rank must pass its batch.")
         return batch
-    is_src = dist.get_rank() == src
-    if is_src and batch is None:
-        raise ValueError("broadcast_step_batch: the source rank must pass its batch.")
-    header = torch.zeros(_HEADER_FIELDS, dtype=torch.int64)
-    if is_src:
-        assert batch is not None
-        header[:] = torch.tensor(
-            [batch.num_sequences, batch.tokens.numel(), batch.rollout_logprobs.numel(), *routed_shape(batch)]
-        )
-    dist.broadcast(header, src=src, group=group)
-    count, num_tokens, num_response_tokens, layers, top_k = header.tolist()
-    # every per-sequence field travels in one int64 tensor (pack_per_sequence)
-    per_sequence = torch.empty((_PER_SEQUENCE_FIELDS, count), dtype=torch.int64)
-    tokens = torch.empty(num_tokens, dtype=torch.int64)
-    logprobs = torch.empty(num_response_tokens, dtype=torch.float32)
-    routed = routed_buffer(num_tokens, layers, top_k)
-    if is_src:
-        assert batch is not None
-        per_sequence = pack_per_sequence(batch)
-        tokens, logprobs, routed = batch.tokens, batch.rollout_logprobs, routed_bytes(batch)
-    for tensor in (per_sequence, tokens, logprobs, routed):
-        if tensor is not None:
-            dist.broadcast(tensor, src=src, group=group)
-    if is_src:
-        assert batch is not None
-        return batch
-    return unpack_step_batch(tokens, per_sequence, logprobs, None if routed is None else routed.view(torch.int16))
+    table = broadcast_table(to_table(batch) if batch is not None else None, src, channel)
+    return batch if channel.rank == src and batch is not None else from_table(table)
 
 
-def pack_per_sequence(batch: StepBatch) -> torch.Tensor:
-    """Every per-sequence field in one int64 tensor [6, N]: prompt/response lengths, correct, valid, finish, version."""
-    flags = (batch.correct, batch.valid, batch.finish_codes)
-    assert batch.policy_version is not None
-    return torch.stack([batch.prompt_lens, batch.response_lens, *(f.long() for f in flags), batch.policy_version])
+def send_step_batch(batch: StepBatch, dst: int, channel: Channel) -> None:
+    """Point-to-point (the bridge from the rollout driver to training rank 0)."""
+    send_table(to_table(batch), dst, channel)
 
 
-def unpack_step_batch(
-    tokens: torch.Tensor, per_sequence: torch.Tensor, logprobs: torch.Tensor, routed: torch.Tensor | None = None
-) -> StepBatch:
-    """Inverse of :func:`pack_per_sequence` plus the packed payload tensors."""
-    return StepBatch(
-        tokens=tokens,
-        prompt_lens=per_sequence[0].clone(),
-        response_lens=per_sequence[1].clone(),
-        rollout_logprobs=logprobs,
-        correct=per_sequence[2].bool(),
-        valid=per_sequence[3].bool(),
-        finish_codes=per_sequence[4].to(torch.int8),
-        policy_version=per_sequence[5].clone(),
-        routed_experts=routed,
-    )
+def recv_step_batch(src: int, channel: Channel) -> StepBatch:
+    return from_table(recv_table(src, channel))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from megatron_dispo.algorithms.mismatch import mismatch_from_sums, mismatch_sums
 from megatron_dispo.algorithms.telemetry import METRIC_REDUCTIONS
+from megatron_dispo.comm.channel import GroupChannel
 
 
 def replica_refit_metrics(seconds_and_bytes: Sequence[Sequence[float]], tensor_parallel_size: int) -> dict[str, float]:
@@ -47,32 +47,14 @@ def finish_reason_metrics(finish_reasons: Sequence[str]) -> dict[str, float]:
 
 
 def mismatch_metrics(
-    trainer_logprobs: Mapping[int, Sequence[float]], rollout_logprobs: Sequence[Sequence[float]], policy: Any
+    trainer_logprobs: Mapping[int, torch.Tensor], rollout_logprobs: Sequence[torch.Tensor], host_dp: GroupChannel
 ) -> dict[str, float]:
-    """Train/rollout mismatch of the sampled tokens: max |delta log p| and the k3 estimate of KL(rollout || train).
-
-    delta = log pi_train - log pi_rollout on tokens sampled from the rollout engine, so
-    k3 = exp(delta) - 1 - delta is an unbiased, non-negative estimator of KL(pi_rollout || pi_train).
-    Reduced over data-parallel ranks (each holds a share of the sequences).
-    """
-    total = torch.zeros(3, dtype=torch.float64)  # sum |delta|, sum k3, token count
-    max_abs = torch.zeros(1, dtype=torch.float64)
-    for index, values in trainer_logprobs.items():
-        rollout = torch.as_tensor(rollout_logprobs[index], dtype=torch.float64)
-        delta = torch.as_tensor(values, dtype=torch.float64) - rollout
-        if delta.numel() == 0:
-            continue
-        total += torch.stack([delta.abs().sum(), (torch.expm1(delta) - delta).sum(), torch.tensor(delta.numel())])
-        max_abs = torch.maximum(max_abs, delta.abs().max().reshape(1))
-    if getattr(policy, "dp_size", 1) > 1:
-        dist.all_reduce(total, group=policy.dp_group)
-        dist.all_reduce(max_abs, op=dist.ReduceOp.MAX, group=policy.dp_group)
-    count = max(float(total[2]), 1.0)
-    return {
-        "mismatch/logprob_abs_max": float(max_abs[0]),
-        "mismatch/logprob_abs_mean": float(total[0]) / count,
-        "mismatch/kl_k3": float(total[1]) / count,
-    }
+    """Train/rollout mismatch of this rank's sequences (``algorithms.mismatch``), reduced over the data-parallel
+    ranks on their host group (each holds a share of the sequences)."""
+    sums, max_abs = mismatch_sums((values, rollout_logprobs[index]) for index, values in trainer_logprobs.items())
+    host_dp.all_reduce(sums)
+    host_dp.all_reduce(max_abs, op="max")
+    return mismatch_from_sums(sums, max_abs)
 
 
 def combine_minibatch_metrics(dicts: Sequence[Mapping[str, float]], token_counts: Sequence[int]) -> dict[str, float]:

@@ -40,13 +40,15 @@ def _worker(hf_dir: str, layout: dict[str, Any]) -> dict[str, Any]:
     prompts = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
     responses = [torch.randint(3, 200, (n,), generator=generator).tolist() for n in RESPONSE_LENGTHS]
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.25])
-    correct = [torch.tensor([True, False]), torch.tensor([True, False, True])]
+    correct = torch.tensor([True, False, True, False, True])  # by sequence
     loss_config = get_preset("dispo")
     num_tokens = response_token_count(range(len(prompts)), responses)
 
     def micro(old: dict[int, list[float]] | None) -> list[Any]:
         return [
-            build_microbatch(ix, prompts, responses, pad_token_id=0, old_logprobs=old, advantages=advantages)
+            build_microbatch(
+                ix, prompts, responses, pad_token_id=0, old_logprobs=old, advantages=advantages, correct=correct
+            )
             for ix in SPLITS
         ]
 
@@ -55,10 +57,10 @@ def _worker(hf_dir: str, layout: dict[str, Any]) -> dict[str, Any]:
     to_rank0 = [(name, tensor.clone()) for name, tensor in policy.export_weights("rank0")]
     to_all = [(name, tensor.clone()) for name, tensor in export_hf_weights(policy.model, policy.hf_config)]
     old = policy.response_logprobs(micro(None))
-    captured: dict[int, list[float]] = {}
-    update = {"num_global_tokens": num_tokens, "num_global_sequences": len(prompts), "correct": correct}
-    on_policy = policy.train_minibatch(micro(None), loss_config, captured_old_logprobs=captured, **update)
-    off_policy = policy.train_minibatch(micro(old), loss_config, **update)
+    update = {"num_global_tokens": num_tokens, "num_global_sequences": len(prompts)}
+    captured_update = policy.train_minibatch(micro(None), loss_config, old_logprobs="capture", **update)
+    on_policy, captured = captured_update.metrics, captured_update.captured_old_logprobs
+    off_policy = policy.train_minibatch(micro(old), loss_config, **update).metrics
     after = policy.response_logprobs(micro(None))
     return {
         "rank": rank,

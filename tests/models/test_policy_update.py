@@ -31,7 +31,7 @@ def _on_policy_worker(hf_dir: str) -> dict[str, Any]:
     prompts = [torch.randint(3, 200, (int(n),), generator=generator).tolist() for n in (5, 7, 4, 6)]
     responses = [torch.randint(3, 200, (int(n),), generator=generator).tolist() for n in (6, 3, 8, 5)]
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    correct = [torch.tensor([True, False]), torch.tensor([True, False])]
+    correct = torch.tensor([True, False, True, False])  # by sequence
     splits = [(0, 1), (2, 3)]
     settings = OptimizerSettings(lr=1e-3, weight_decay=0.0)
     loss_config = get_preset("dispo")
@@ -39,15 +39,20 @@ def _on_policy_worker(hf_dir: str) -> dict[str, Any]:
 
     def micro(old: dict[int, list[float]] | None) -> list[Any]:
         return [
-            build_microbatch(ix, prompts, responses, pad_token_id=0, old_logprobs=old, advantages=advantages)
+            build_microbatch(
+                ix, prompts, responses, pad_token_id=0, old_logprobs=old, advantages=advantages, correct=correct
+            )
             for ix in splits
         ]
 
     def update(policy: MegatronPolicy, old: dict[int, list[float]] | None, captured: dict | None) -> dict:
-        return policy.train_minibatch(
-            micro(old), loss_config, num_global_tokens=num_tokens, num_global_sequences=4, correct=correct,
-            captured_old_logprobs=captured,
+        result = policy.train_minibatch(
+            micro(old), loss_config, num_global_tokens=num_tokens, num_global_sequences=4,
+            old_logprobs="given" if old is not None else "capture",
         )  # fmt: skip
+        if captured is not None:
+            captured.update(result.captured_old_logprobs)
+        return result.metrics
 
     reference = MegatronPolicy(hf_dir, ParallelConfig(), settings)
     separate_old = reference.response_logprobs(micro(None))

@@ -11,7 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_dispo.trainer.bridge import Bridge, BridgeError, init_training_world, job_layout, job_store
+from megatron_dispo.comm.channel import BridgeError, StoreBridge
+from megatron_dispo.trainer.bridge import init_training_world, job_layout, job_store
 
 
 def main(mode: str, out_dir: str) -> None:
@@ -34,7 +35,9 @@ def main(mode: str, out_dir: str) -> None:
             "sum": total.item(),
             "dp": parallel_state.get_data_parallel_world_size(),
         }
-    bridge = Bridge(store, layout.bridge_rank, layout.bridge_size, timeout) if layout.bridge_rank is not None else None
+    bridge = None
+    if layout.bridge_rank is not None:
+        bridge = StoreBridge(store, layout.bridge_rank, layout.bridge_size, timeout, name="bridge")
     if bridge is not None and mode == "ok":
         if bridge.rank == 0:
             bridge.send_object({"version": 3}, dst=1)

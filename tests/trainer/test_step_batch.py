@@ -78,12 +78,15 @@ def test_dropped_samples_get_no_loss_weight() -> None:
 def _broadcast_worker() -> dict[str, Any]:  # pragma: no cover - runs in the workers
     import torch.distributed as dist
 
+    from megatron_dispo.comm import GroupChannel, init_host_world
+
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    got = broadcast_step_batch(_batch(valid=[True, True, False, True]) if rank == 0 else None, src=0)
+    host = GroupChannel(init_host_world(), "host", "host-world")
+    got = broadcast_step_batch(_batch(valid=[True, True, False, True]) if rank == 0 else None, src=0, channel=host)
     empty = StepBatch.from_sequences([], [], [], [], [])
-    got_empty = broadcast_step_batch(empty if rank == 0 else None, src=0)
-    routed = broadcast_step_batch(_batch(routed=_routing()) if rank == 0 else None, src=0).routed_experts
+    got_empty = broadcast_step_batch(empty if rank == 0 else None, src=0, channel=host)
+    routed = broadcast_step_batch(_batch(routed=_routing()) if rank == 0 else None, src=0, channel=host).routed_experts
     return {
         "prompts": [p.tolist() for p in got.prompts],
         "responses": [r.tolist() for r in got.responses],

@@ -1,0 +1,183 @@
+"""What the trainer does with one rollout batch: rewards -> advantages -> pi_old -> K optimizer updates.
+
+The same for every placement: the batch may come from engines on these ranks or from dedicated rollout ranks, and
+``trainer.old_logprobs`` decides whether pi_old is recomputed by the trainer or taken from the engine. The batch is
+cut once into an :class:`UpdatePlan` (mini-batches, this rank's share, micro-batches carrying everything an update
+reads), which serves the pi_old pass and the K updates alike. The maths comes from ``algorithms/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_dispo.algorithms.advantages import group_relative_advantages
+from megatron_dispo.algorithms.shaping import apply_overlong_penalty, binary_rewards
+from megatron_dispo.comm.channel import GroupChannel
+from megatron_dispo.config import Config
+from megatron_dispo.models.microbatch import MicroBatch, build_microbatch, with_old_logprobs
+from megatron_dispo.models.routing_replay import RoutingCounts
+from megatron_dispo.refit import ProbeBatch
+from megatron_dispo.trainer.batching import (
+    exclude_dropped,
+    pack_microbatches,
+    shard_for_data_parallel,
+    split_minibatches,
+)
+from megatron_dispo.trainer.phases import PhaseTimer
+from megatron_dispo.trainer.step_batch import StepBatch
+from megatron_dispo.trainer.step_metrics import (
+    combine_minibatch_metrics,
+    finish_reason_metrics,
+    mismatch_metrics,
+    reward_metrics,
+)
+
+PiOld = dict[int, torch.Tensor]
+"""pi_old of each of this rank's sequences' response tokens, by sequence index in the batch."""
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """How one step's sequences are cut for the update phase (the same cut serves pi_old and the K updates)."""
+
+    minibatches: list[list[int]]
+    """Sequence indices of each of the K mini-batches (whole groups)."""
+    micro: list[list[MicroBatch]]
+    """This data-parallel rank's share of each mini-batch, packed into micro-batches (without pi_old yet)."""
+    token_counts: list[int]
+    """Response tokens of each whole mini-batch: its ``num_global_tokens``."""
+    sequence_counts: list[int]
+    """Sequences of each whole mini-batch that carry loss tokens: its ``num_global_sequences``."""
+
+
+class Learner:
+    """Turns a :class:`StepBatch` into K optimizer updates of ``policy``; returns the step's learning metrics."""
+
+    def __init__(self, config: Config, policy: object, *, pad_token_id: int, share_prompts: bool) -> None:
+        from megatron_dispo.models.parallel import host_group
+        from megatron_dispo.models.policy import MegatronPolicy
+
+        assert isinstance(policy, MegatronPolicy)
+        self.config = config
+        self.policy = policy
+        self.pad_token_id = pad_token_id
+        self.share_prompts = share_prompts
+        self.group_size = config.algorithm.group_size
+        self.host_dp = GroupChannel(host_group("dp"), "host", "host-dp")
+
+    @property
+    def recompute_old_logprobs(self) -> bool:
+        return self.config.trainer.old_logprobs == "recompute"
+
+    @property
+    def first_update_on_policy(self) -> bool:
+        """Whether the first update's own forward is pi_old (r = 1 exactly): only when pi_old is recomputed, and
+        not with TIS, which needs pi_old before that forward."""
+        return self.recompute_old_logprobs and self.config.algorithm.tis_cap is None
+
+    def learn(self, batch: StepBatch, timer: PhaseTimer) -> dict[str, float]:
+        """Rewards -> advantages -> pi_old -> K updates on one batch: its reward, ``train/`` and mismatch metrics."""
+        advantages, metrics = self.advantages(batch)
+        plan = self.plan(batch, advantages)
+        routing = RoutingCounts()  # the pi_old pass's router agreement with the engine (MoE, captured routing)
+        with timer.phase("logprob"):
+            pi_old = self.old_logprobs(batch, plan, routing)
+        with timer.phase("update"):
+            metrics.update(self.update(plan, pi_old, routing))
+        metrics.update(mismatch_metrics(pi_old, batch.rollout_logprobs_per_sequence(), self.host_dp))
+        metrics.update(routing.metrics())
+        return metrics
+
+    def advantages(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rewards in {-1, +1} from correctness, DAPO's overlong shaping, group-relative advantages (Eq. 3)."""
+        cfg = self.config
+        lengths = batch.response_lens.to(torch.float32)
+        rewards = binary_rewards(batch.correct)
+        shaped = apply_overlong_penalty(rewards, lengths, cfg.overlong) if cfg.algorithm.overlong_penalty else rewards
+        dropped = not bool(batch.valid.all())  # reward.on_verifier_failure=drop removed some samples
+        advantages = group_relative_advantages(
+            shaped, self.group_size, scale_by_std=cfg.algorithm.scale_advantages_by_std,
+            valid=batch.valid if dropped else None,
+        )  # fmt: skip
+        metrics = reward_metrics(rewards, shaped, batch.correct, lengths, advantages)
+        metrics["rollout/prompt/len_mean"] = float(batch.prompt_lens.float().mean())
+        metrics.update(finish_reason_metrics(batch.finish_reasons()))
+        return advantages, metrics
+
+    def plan(self, batch: StepBatch, advantages: torch.Tensor) -> UpdatePlan:
+        """Mini-batches of whole groups, this rank's share of each, packed under the micro-batch token budget."""
+        cfg = self.config.trainer
+        policy = self.policy
+        minibatches = split_minibatches(batch.num_sequences, self.group_size, cfg.num_minibatches)
+        response_lengths = (batch.response_lens * batch.valid).tolist()  # dropped samples carry no loss tokens
+        counted = (batch.response_lens > 0) & batch.valid
+        shares = [shard_for_data_parallel(mb, self.group_size, policy.dp_rank, policy.dp_size) for mb in minibatches]
+        return UpdatePlan(
+            minibatches=minibatches,
+            micro=[self._micro_batches(batch, share, advantages) for share in shares],
+            token_counts=[sum(response_lengths[i] for i in mb) for mb in minibatches],
+            sequence_counts=[int(counted[mb].sum()) for mb in minibatches],
+        )
+
+    def _micro_batches(self, batch: StepBatch, indices: Sequence[int], advantages: torch.Tensor) -> list[MicroBatch]:
+        """``indices`` as padded micro-batches carrying advantages, correctness, the engine's routing (replayed
+        under R3, else compared with the trainer's own) and, with TIS, the engine's log-probs."""
+        lengths = (batch.prompt_lens + batch.response_lens).tolist()
+        routed = batch.routed_experts_per_sequence()
+        behaviour = batch.rollout_logprobs_per_sequence() if self.config.algorithm.tis_cap is not None else None
+        micro = []
+        for chunk in pack_microbatches(indices, lengths, self.config.trainer.max_tokens_per_microbatch):
+            built = build_microbatch(
+                chunk, batch.prompts, batch.responses, pad_token_id=self.pad_token_id, advantages=advantages,
+                routed_experts=routed, correct=batch.correct, rollout_logprobs=behaviour,
+            )  # fmt: skip
+            exclude_dropped(built, batch.valid)
+            micro.append(built)
+        return micro
+
+    def old_logprobs(self, batch: StepBatch, plan: UpdatePlan, routing: RoutingCounts) -> PiOld:
+        """pi_old of this rank's response tokens: the engine's (``trainer.old_logprobs=engine``), or one no-grad
+        forward over every mini-batch but the first when that one captures its own (``first_update_on_policy``).
+        ``routing`` accumulates this pass's router agreement."""
+        if not self.recompute_old_logprobs:
+            per_sequence = batch.rollout_logprobs_per_sequence()
+            return {i: per_sequence[i] for micro in plan.micro for b in micro for i in b.indices}
+        passes = plan.micro[1:] if self.first_update_on_policy else plan.micro
+        micro = [b for minibatch in passes for b in minibatch]
+        if not micro:
+            return {}
+        if self.share_prompts:  # each distinct prompt runs once per micro-batch
+            chunks = [list(b.indices) for b in micro]
+            return self.policy.shared_prompt_logprobs(chunks, batch.prompts, batch.responses)
+        return self.policy.response_logprobs(micro, routing=routing)
+
+    def update(self, plan: UpdatePlan, pi_old: PiOld, routing: RoutingCounts) -> dict[str, float]:
+        """K optimizer updates, one per mini-batch; the on-policy first update captures its pi_old into ``pi_old``
+        (and its router agreement into ``routing``: that forward is the pi_old pass of its sequences)."""
+        cfg = self.config
+        results = []
+        for index, micro in enumerate(plan.micro):
+            capture = index == 0 and self.first_update_on_policy
+            if not capture:
+                micro = [with_old_logprobs(b, pi_old) for b in micro]
+            result = self.policy.train_minibatch(
+                micro, cfg.algorithm.loss,
+                num_global_tokens=plan.token_counts[index], num_global_sequences=plan.sequence_counts[index],
+                old_logprobs="capture" if capture else "given", tis_cap=cfg.algorithm.tis_cap, routing=routing,
+            )  # fmt: skip
+            pi_old.update(result.captured_old_logprobs)
+            results.append(result.metrics)
+        metrics = {f"train/{k}": v for k, v in combine_minibatch_metrics(results, plan.token_counts).items()}
+        metrics["train/grad_norm_max"] = max(m["grad_norm"] for m in results)
+        return metrics
+
+    def probe_logprobs(self, probe: ProbeBatch) -> list[torch.Tensor]:
+        """The trainer's log-probs of the probe answers (temperature 1, as the engine scores), on every rank."""
+        prompts = [list(seq[:n]) for seq, n in zip(probe.sequences, probe.prompt_lens or (), strict=True)]
+        answers = [list(seq[n:]) for seq, n in zip(probe.sequences, probe.prompt_lens or (), strict=True)]
+        micro = build_microbatch(range(len(prompts)), prompts, answers, pad_token_id=self.pad_token_id)
+        values = self.policy.response_logprobs([micro], temperature=1.0)
+        return [torch.as_tensor(values[i]) for i in range(len(prompts))]
