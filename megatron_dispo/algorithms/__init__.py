@@ -8,7 +8,7 @@ overlong shaping, loop detection, truncated importance sampling).
 from megatron_dispo.algorithms.advantages import group_relative_advantages
 from megatron_dispo.algorithms.filters import DynamicSamplingResult, filter_mixed_groups
 from megatron_dispo.algorithms.loss_config import PolicyLossConfig
-from megatron_dispo.algorithms.losses import compute_policy_loss
+from megatron_dispo.algorithms.losses import compute_policy_loss  # registers the built-in losses (see registry.py)
 from megatron_dispo.algorithms.presets import PRESETS, get_preset, preset_names
 from megatron_dispo.algorithms.registry import POLICY_LOSSES, get_policy_loss, register_policy_loss
 from megatron_dispo.algorithms.repetition import (
