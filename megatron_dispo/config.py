@@ -17,6 +17,7 @@ from typing import Literal
 
 from megatron_dispo.algorithms.loss_config import PolicyLossConfig
 from megatron_dispo.algorithms.presets import get_preset, preset_names
+from megatron_dispo.algorithms.regime_control import RegimeControlConfig, check_regime_control
 from megatron_dispo.algorithms.shaping import OverlongConfig
 from megatron_dispo.config_loader import ConfigError, load_config
 from megatron_dispo.models.config import MoeRoutingReplay, OptimizerSettings, ParallelConfig, RoutingReplayConfig
@@ -127,6 +128,9 @@ class AlgorithmConfig:
     L_cache = L_max / 5, as 20480 / 4096)."""
     tis_cap: float | None = None
     """Truncated importance sampling against train/rollout mismatch: weight min(pi_old / pi_rollout, cap) per token."""
+    regime_control: RegimeControlConfig = field(default_factory=RegimeControlConfig)
+    """Adaptive DISPO (issue 25): moves the loss's clip bounds between steps to keep entropy in a band and to guard
+    against repetition / length collapse; off by default. See docs/algorithms.md, "Regime control"."""
 
     def __post_init__(self) -> None:
         if self.preset not in preset_names():
@@ -135,7 +139,7 @@ class AlgorithmConfig:
             raise ValueError(f"group_size={self.group_size} must be >= 2: group-relative advantages need 2+ samples.")
         if self.tis_cap is not None and not self.tis_cap >= 1.0:
             raise ValueError(f"tis_cap={self.tis_cap} must be >= 1 (or null to disable truncated IS).")
-        self.loss  # noqa: B018  (validates the overrides now, not at the first step)
+        check_regime_control(self.regime_control, self.loss)  # also validates the overrides now, not at step 1
 
     @property
     def loss(self) -> PolicyLossConfig:
