@@ -28,7 +28,7 @@ from megatron_dispo.trainer.config import DynamicSamplingConfig, LoggingConfig
 
 SourceKind = Literal[
     "synthetic_arithmetic", "gsm8k", "math", "math500", "minerva", "aime24", "aime25", "amc23", "jsonl", "parquet",
-    "deepmind", "hub",
+    "deepmind", "hub", "synthetic_chain",
 ]  # fmt: skip
 
 
@@ -45,11 +45,12 @@ class DataSourceConfig:
     name: str | None = None
     """Mixture name (defaults to ``kind``); must be unique within a mixture. For ``hub``: the dataset name."""
     num_problems: int = 20000
-    """synthetic_arithmetic: how many problems to generate."""
+    """synthetic_arithmetic / synthetic_chain: how many problems to generate."""
     difficulty: int = 1
-    """synthetic_arithmetic: difficulty level (see data.synthetic.LEVELS)."""
+    """synthetic_arithmetic / synthetic_chain: difficulty level (data.synthetic.LEVELS / data.chained_arithmetic
+    .CHAIN_LEVELS)."""
     seed: int = 0
-    """synthetic_arithmetic: generator seed (use different seeds for train and held-out sets)."""
+    """synthetic_arithmetic / synthetic_chain: generator seed (use different seeds for train and held-out sets)."""
     problem_field: str = "problem"
     """jsonl / parquet: field holding the problem text."""
     answer_field: str = "answer"
