@@ -17,6 +17,7 @@ from typing import Literal
 
 from megatron_dispo.algorithms.loss_config import PolicyLossConfig
 from megatron_dispo.algorithms.presets import get_preset, preset_names
+from megatron_dispo.algorithms.regime_control import RegimeControlConfig, check_regime_control
 from megatron_dispo.algorithms.shaping import OverlongConfig
 from megatron_dispo.config_loader import ConfigError, load_config
 from megatron_dispo.models.config import MoeRoutingReplay, OptimizerSettings, ParallelConfig, RoutingReplayConfig
@@ -27,7 +28,7 @@ from megatron_dispo.trainer.config import DynamicSamplingConfig, LoggingConfig
 
 SourceKind = Literal[
     "synthetic_arithmetic", "gsm8k", "math", "math500", "minerva", "aime24", "aime25", "amc23", "jsonl", "parquet",
-    "deepmind", "hub",
+    "deepmind", "hub", "synthetic_chain",
 ]  # fmt: skip
 
 
@@ -44,11 +45,12 @@ class DataSourceConfig:
     name: str | None = None
     """Mixture name (defaults to ``kind``); must be unique within a mixture. For ``hub``: the dataset name."""
     num_problems: int = 20000
-    """synthetic_arithmetic: how many problems to generate."""
+    """synthetic_arithmetic / synthetic_chain: how many problems to generate."""
     difficulty: int = 1
-    """synthetic_arithmetic: difficulty level (see data.synthetic.LEVELS)."""
+    """synthetic_arithmetic / synthetic_chain: difficulty level (data.synthetic.LEVELS / data.chained_arithmetic
+    .CHAIN_LEVELS)."""
     seed: int = 0
-    """synthetic_arithmetic: generator seed (use different seeds for train and held-out sets)."""
+    """synthetic_arithmetic / synthetic_chain: generator seed (use different seeds for train and held-out sets)."""
     problem_field: str = "problem"
     """jsonl / parquet: field holding the problem text."""
     answer_field: str = "answer"
@@ -127,6 +129,9 @@ class AlgorithmConfig:
     L_cache = L_max / 5, as 20480 / 4096)."""
     tis_cap: float | None = None
     """Truncated importance sampling against train/rollout mismatch: weight min(pi_old / pi_rollout, cap) per token."""
+    regime_control: RegimeControlConfig = field(default_factory=RegimeControlConfig)
+    """Adaptive DISPO (issue 25): moves the loss's clip bounds between steps to keep entropy in a band and to guard
+    against repetition / length collapse; off by default. See docs/algorithms.md, "Regime control"."""
 
     def __post_init__(self) -> None:
         if self.preset not in preset_names():
@@ -135,7 +140,7 @@ class AlgorithmConfig:
             raise ValueError(f"group_size={self.group_size} must be >= 2: group-relative advantages need 2+ samples.")
         if self.tis_cap is not None and not self.tis_cap >= 1.0:
             raise ValueError(f"tis_cap={self.tis_cap} must be >= 1 (or null to disable truncated IS).")
-        self.loss  # noqa: B018  (validates the overrides now, not at the first step)
+        check_regime_control(self.regime_control, self.loss)  # also validates the overrides now, not at step 1
 
     @property
     def loss(self) -> PolicyLossConfig:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_dispo.algorithms.registry import Aggregation
+from megatron_dispo.algorithms.loss_contract import Aggregation
 
 
 def aggregate(

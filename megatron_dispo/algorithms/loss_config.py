@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
+from megatron_dispo.algorithms.registry import registered_loss_names
+
 ConditionOn = Literal["advantage_sign", "correctness"]
 AggregationChoice = Literal["default", "token_mean", "seq_mean_token_mean"]
 OnlineSftCoefficient = Literal["one", "advantage"]
@@ -64,8 +66,6 @@ class PolicyLossConfig:
     """Largest bound scale (high-entropy subsentences get at most this multiple of eps)."""
 
     def __post_init__(self) -> None:
-        from megatron_dispo.algorithms.registry import registered_loss_names
-
         names = registered_loss_names()
         if self.loss_type not in names:
             raise ValueError(f"loss_type={self.loss_type!r} is not a registered policy loss; use one of {names}.")

@@ -15,7 +15,8 @@ import torch
 from megatron_dispo.algorithms import sspo as _sspo
 from megatron_dispo.algorithms.aggregation import aggregate
 from megatron_dispo.algorithms.loss_config import PolicyLossConfig
-from megatron_dispo.algorithms.registry import LossInputs, LossTerms, get_policy_loss, register_policy_loss
+from megatron_dispo.algorithms.loss_contract import LossInputs, LossTerms
+from megatron_dispo.algorithms.registry import get_policy_loss, register_policy_loss
 from megatron_dispo.algorithms.telemetry import loss_metrics
 from megatron_dispo.algorithms.validation import (
     as_global_count,

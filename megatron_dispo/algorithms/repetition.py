@@ -4,7 +4,8 @@ Two signals (DISPO Sec. 4: over-tight clipping of regime 3 collapses into repeti
   * n-gram loop: the smallest period p <= max_period such that the last max(p * min_repeats, min_repeat_tokens)
     tokens are p-periodic (x[i] == x[i - p]); the hit reports the whole periodic tail.
   * confident run: the last `confident_run` tokens all had probability > confident_prob (log-probs needed).
-When both fire, the n-gram hit is returned (it carries the period).
+When both fire, the n-gram hit is returned (it carries the period). `repeated_ngram_rate` measures instead how much
+of a whole response repeats itself (the Regime 3 guard's signal in `regime_control.py`).
 
 Speed: every comparison is a list-slice equality or a `min` over a slice, i.e. runs in C; a call on a 4k-token
 sequence costs tens of microseconds (benchmarks/bench_losses.py), so the rollout engine can call it every
@@ -105,6 +106,30 @@ def detect_repetition_batch(
         detect_repetition(tokens, config, None if logprobs is None else logprobs[i])
         for i, tokens in enumerate(responses)
     ]
+
+
+def repeated_ngram_rate(token_ids: Sequence[int], n: int) -> float:
+    """Share of the n-grams of one response that already occurred earlier in it: 1 - distinct / total.
+
+    0 for a response that never repeats a phrase of n tokens, close to 1 for one that loops. It is one of the Regime 3
+    guard's repetition signals (DISPO Sec. 4: too tight an eps_high_neg collapses into repetitive outputs); unlike
+    `detect_repetition` it also sees loops that the response later left. A response of fewer than n tokens has no
+    n-gram and rate 0. Counting distinct n-grams with `zip` over shifted slices runs in C (no Python loop per token).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} must be an int >= 1 (the n-gram length in tokens), e.g. 8.")
+    tokens = token_ids if isinstance(token_ids, list | tuple) else _to_list(token_ids, "token_ids")
+    total = len(tokens) - n + 1
+    if total <= 0:
+        return 0.0
+    distinct = len(set(zip(*(tokens[k : k + total] for k in range(n)), strict=True)))
+    return 1.0 - distinct / total
+
+
+def batch_repeated_ngram_rate(responses: Sequence[Sequence[int]], n: int) -> float:
+    """Mean `repeated_ngram_rate` over the responses that have at least one n-gram (0.0 when none has)."""
+    rates = [repeated_ngram_rate(tokens, n) for tokens in responses if len(tokens) >= n]
+    return math.fsum(rates) / len(rates) if rates else 0.0
 
 
 def _to_list(values: object, name: str) -> list:

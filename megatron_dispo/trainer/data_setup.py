@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from megatron_dispo.config import DataConfig, DataSourceConfig
+from megatron_dispo.data.chained_arithmetic import generate_chained_arithmetic
 from megatron_dispo.data.files import load_deepmind_mathematics, load_problem_file
 from megatron_dispo.data.mixture import MixtureSource, ProblemMixture
 from megatron_dispo.data.problem import Problem, ProblemSet
@@ -17,6 +18,8 @@ def load_source(source: DataSourceConfig) -> list[Problem]:
         problems: ProblemSet | list[Problem] = generate_arithmetic(
             source.num_problems, source.difficulty, seed=source.seed
         )
+    elif kind == "synthetic_chain":
+        problems = generate_chained_arithmetic(source.num_problems, source.difficulty, seed=source.seed)
     elif kind == "gsm8k":
         problems = load_gsm8k(source.split, skip_malformed=source.skip_malformed)
     elif kind == "math":

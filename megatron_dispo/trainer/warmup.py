@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_dispo.data.chained_arithmetic import CHAIN_SOURCE, chain_of_thought
 from megatron_dispo.data.problem import Problem
 from megatron_dispo.data.templates import encode_prompt
 
@@ -38,7 +39,10 @@ class WarmupConfig:
 
 
 def worked_answer(problem: Problem) -> str:
-    """The supervised response: the expression with its value, then the DAPO answer line (paper Fig. 9 format)."""
+    """The supervised response: the expression with its value, then the DAPO answer line (paper Fig. 9 format);
+    chained-arithmetic problems get their written chain of thought ending in \\boxed{} instead."""
+    if problem.source == CHAIN_SOURCE:
+        return chain_of_thought(problem)
     statement = problem.problem.strip()
     expression = statement.removeprefix("What is ").rstrip("?").strip()
     return f"{expression} = {problem.answer}\nAnswer: {problem.answer}"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +14,7 @@ from megatron_dispo.algorithms import PolicyLossConfig, get_preset, preset_names
 from megatron_dispo.algorithms.registry import POLICY_LOSSES, get_policy_loss
 
 NUM_GPUS = 0
+ROOT = Path(__file__).resolve().parents[2]
 
 # name: (loss_type, eps_low_pos, eps_high_pos, eps_low_neg, eps_high_neg, eps_low, eps_high)
 # "-" fields the loss ignores keep the PolicyLossConfig defaults (0.2, 10, 1, 100 | 0.2, 0.28).
@@ -75,7 +81,7 @@ def test_a_registered_loss_is_selectable_by_name() -> None:
 
     @register_policy_loss(name, aggregation="token_mean")
     def plain_policy_gradient(inputs, config):  # l = -A * logprobs: the on-policy REINFORCE estimator
-        from megatron_dispo.algorithms.registry import LossTerms
+        from megatron_dispo.algorithms.loss_contract import LossTerms
 
         weight = torch.ones_like(inputs.logprobs)
         clipped = torch.zeros_like(weight, dtype=torch.bool)
@@ -91,3 +97,18 @@ def test_a_registered_loss_is_selectable_by_name() -> None:
         assert loss.item() == pytest.approx(-0.5 * (-3.0) / 2)  # -(A * sum lp) / N
     finally:
         del POLICY_LOSSES[name]
+
+
+def test_a_fresh_import_of_the_config_module_sees_the_builtin_losses() -> None:
+    """The registry imports no loss module (imports point one way); the package __init__ registers the built-ins, so
+    importing only `loss_config` in a new interpreter still validates every built-in name."""
+    probe = (
+        "from megatron_dispo.algorithms.loss_config import PolicyLossConfig\n"
+        "from megatron_dispo.algorithms.registry import registered_loss_names\n"
+        "PolicyLossConfig(loss_type='sspo')\n"
+        "print(' '.join(registered_loss_names()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["cispo", "dapo", "dispo", "grpo", "gspo", "online_sft", "reinforce", "sspo"]

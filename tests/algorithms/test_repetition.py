@@ -6,8 +6,10 @@ import math
 import random
 
 import pytest
+import torch
 
 from megatron_dispo.algorithms import RepetitionConfig, RepetitionHit, detect_repetition, detect_repetition_batch
+from megatron_dispo.algorithms.repetition import batch_repeated_ngram_rate, repeated_ngram_rate
 
 NUM_GPUS = 0
 
@@ -94,3 +96,17 @@ def test_disabled_batch_and_validation() -> None:
         RepetitionConfig(min_repeats=1)
     with pytest.raises(ValueError, match=r"confident_prob=1.0 must be in \(0, 1\)"):
         RepetitionConfig(confident_prob=1.0)
+
+
+def test_repeated_ngram_rate_counts_ngrams_seen_earlier_in_the_response() -> None:
+    # trigrams of 1 2 3 1 2 3 1 2: 123 231 312 123 231 312 -> 3 of 6 seen before
+    assert repeated_ngram_rate([1, 2, 3, 1, 2, 3, 1, 2], 3) == 0.5
+    assert repeated_ngram_rate(list(range(10)), 2) == 0.0  # no phrase repeats
+    assert repeated_ngram_rate([7] * 5, 1) == 0.8  # unigrams: 4 of 5 seen before
+    assert repeated_ngram_rate([1, 2], 3) == 0.0  # shorter than n: no n-gram
+    assert repeated_ngram_rate(torch.tensor([4, 4, 4]), 2) == 0.5  # tensors are read as lists
+    # per-response mean over responses with an n-gram: ([1 1 1 1] -> 2/3, [1 2 3] -> 0; [1] has none) / 2
+    assert batch_repeated_ngram_rate([[1, 1, 1, 1], [1], [1, 2, 3]], 2) == pytest.approx(1 / 3)
+    assert batch_repeated_ngram_rate([[1]], 2) == 0.0
+    with pytest.raises(ValueError, match="n=0 must be an int >= 1"):
+        repeated_ngram_rate([1, 2], 0)
