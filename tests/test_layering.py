@@ -3,9 +3,11 @@
 Layers, lowest first (a module may import its own package and the packages listed for it, nothing else):
 
 - ``algorithms/``: pure torch maths; imports no other package module.
-- ``models/``, ``rollout/``, ``rewards/``: at most ``algorithms/``.
+- ``comm/``: process groups by purpose, channels, the table codec; imports no other package module.
+- ``models/``, ``rollout/``: at most ``algorithms/`` and ``comm/``; ``rewards/``: at most ``algorithms/``.
 - ``data/``: at most ``algorithms/`` and ``rewards/`` (answer extraction for GSM8K-style gold answers).
-- ``refit/``: at most ``algorithms/``, ``models/`` and ``rollout/`` (it joins the trainer's model to the engine).
+- ``refit/``: at most ``algorithms/``, ``comm/``, ``models/`` and ``rollout/`` (it joins the trainer's model to the
+  engine).
 - ``trainer/``, ``eval/``, ``cli.py``, ``demo.py``, ``__main__.py``: anything.
 
 Two leaves sit beside the layers: ``config_loader.py`` (generic YAML -> dataclass loading) and ``hf_checkpoint.py``
@@ -42,11 +44,12 @@ TOP = frozenset({"trainer", "eval", "cli", "demo", "__main__", "plan", "plan_cli
 """The top layer: may import anything."""
 LOWER: dict[str, frozenset[str]] = {
     "algorithms": frozenset(),
-    "models": frozenset({"algorithms"}),
-    "rollout": frozenset({"algorithms"}),
+    "comm": frozenset(),
+    "models": frozenset({"algorithms", "comm"}),
+    "rollout": frozenset({"algorithms", "comm"}),
     "rewards": frozenset({"algorithms"}),
     "data": frozenset({"algorithms", "rewards"}),
-    "refit": frozenset({"algorithms", "models", "rollout"}),
+    "refit": frozenset({"algorithms", "comm", "models", "rollout"}),
 }
 """Each lower layer -> the other layers it may import."""
 CONFIG_SOURCES = frozenset({"models", "rollout", "refit", "trainer", "data", "rewards", "eval"})

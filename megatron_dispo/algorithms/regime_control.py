@@ -426,12 +426,13 @@ class RegimeController:
             self._regime4.update(drop, guard.fall_fraction, guard.release_fall_fraction, guard.patience)
 
     def metrics(self) -> dict[str, float]:
-        """The last observed step under `control/`: the bounds it trained with, its signals (NaN when not measured),
-        the band in nats (NaN when off or calibrating) and the decisions that set the next step's bounds."""
+        """The last observed step under `control/`: the bounds it trained with, its signals, the band in nats and the
+        decisions that set the next step's bounds. A signal not measured, or a band not known yet (off, calibrating),
+        is left out rather than logged as NaN (a metrics line compares equal only without NaN)."""
         trained = self._trained_bounds if self._trained_bounds is not None else self._bounds
         band = self.band() or (math.nan, math.nan)
         calibrating = self.config.mode == "entropy_band" and self.config.band_reference == "calibrated"
-        return {
+        values = {
             **{f"control/{name}": float(value) for name, value in trained._asdict().items()},
             "control/entropy": _or_nan(self._last_entropy),
             "control/band_low": band[0],
@@ -444,6 +445,7 @@ class RegimeController:
             "control/length_drop": _or_nan(self._last_length_drop),
             "control/regime4_guard": float(self._regime4.active),
         }
+        return {key: value for key, value in values.items() if not math.isnan(value)}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything `observe` depends on, as plain JSON types: a controller loaded from it continues exactly."""

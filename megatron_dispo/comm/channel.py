@@ -112,13 +112,23 @@ class StoreBridge:
     """
 
     def __init__(
-        self, store: dist.Store, rank: int, size: int, timeout: timedelta, *, backend: str = "gloo", name: str
+        self,
+        store: dist.Store,
+        rank: int,
+        size: int,
+        timeout: timedelta,
+        *,
+        backend: str = "gloo",
+        name: str,
+        purpose: GroupPurpose | None = None,
     ) -> None:
+        """``purpose`` defaults to the backend's (gloo: host, nccl: device); a gloo bridge declared ``device`` stands
+        in for the NCCL one where there is no GPU, so the same code moves the same tensors on CPU."""
         self.rank = rank
         self.size = size
         self.timeout = timeout
         self.name = name
-        self.purpose: GroupPurpose = "host" if backend == "gloo" else "device"
+        self.purpose: GroupPurpose = purpose or ("host" if backend == "gloo" else "device")
         prefixed = dist.PrefixStore(f"{name}/", store)
         if backend == "gloo":
             self.pg: Any = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
@@ -174,8 +184,8 @@ class StoreBridge:
         return obj if self.rank == src else _from_bytes(payload)
 
     def _require_host(self, what: str) -> None:
-        if self.backend != "gloo":
-            raise RuntimeError(f"{self.name}: {what} on an NCCL bridge; objects travel on the gloo bridge.")
+        if self.purpose != "host":
+            raise RuntimeError(f"{self.name}: {what} on a device bridge; objects travel on the host bridge.")
 
     def _wait(self, work: Any, what: str) -> None:
         if self.pg is None:

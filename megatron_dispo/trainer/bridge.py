@@ -130,13 +130,17 @@ def init_rollout_world(layout: JobLayout, store: dist.Store, timeout: timedelta)
 def open_bridges(layout: JobLayout, store: dist.Store, timeout: timedelta) -> tuple[StoreBridge, StoreBridge]:
     """(host bridge, weight bridge) between training rank 0 and the rollout ranks (only they call this).
 
-    The host bridge (gloo) carries messages and batches. Weights travel on an NCCL bridge when CUDA is available
-    (the buffers stay on the GPUs: the refit transport's broadcast), else on the host bridge itself.
+    The host bridge (gloo) carries messages and batches. Weights travel on their own device bridge: NCCL when CUDA is
+    available (the buffers stay on the GPUs: the refit transport's broadcast), a gloo bridge standing in for it on CPU.
     """
     assert layout.bridge_rank is not None
     host = StoreBridge(store, layout.bridge_rank, layout.bridge_size, timeout, name="bridge")
-    if not torch.cuda.is_available():
-        return host, host
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    weights = StoreBridge(store, layout.bridge_rank, layout.bridge_size, timeout, backend="nccl", name="bridge-weights")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    weights = StoreBridge(
+        store, layout.bridge_rank, layout.bridge_size, timeout, backend=backend, name="bridge-weights", purpose="device"
+    )
     return host, weights

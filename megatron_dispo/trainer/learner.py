@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from megatron_dispo.algorithms.advantages import group_relative_advantages
+from megatron_dispo.algorithms.loss_config import PolicyLossConfig
+from megatron_dispo.algorithms.regime_control import RegimeController, StepSignals, apply_bounds
+from megatron_dispo.algorithms.repetition import batch_repeated_ngram_rate
 from megatron_dispo.algorithms.shaping import apply_overlong_penalty, binary_rewards
 from megatron_dispo.comm.channel import GroupChannel
 from megatron_dispo.config import Config
@@ -67,6 +70,24 @@ class Learner:
         self.share_prompts = share_prompts
         self.group_size = config.algorithm.group_size
         self.host_dp = GroupChannel(host_group("dp"), "host", "host-dp")
+        control = config.algorithm.regime_control
+        self.controller = RegimeController(control, config.algorithm.loss) if control.active else None
+        """Adaptive DISPO (``algorithm.regime_control``): moves the clip bounds between steps; None when off."""
+
+    @property
+    def loss_config(self) -> PolicyLossConfig:
+        """The loss of the next update: the configured one, with the regime controller's bounds when it runs."""
+        loss = self.config.algorithm.loss
+        return apply_bounds(loss, self.controller.bounds()) if self.controller is not None else loss
+
+    def state_dict(self) -> dict[str, object]:
+        """What a resumed run needs to continue the learner exactly (the controller's state; the model and optimizer
+        are checkpointed by Megatron)."""
+        return {"regime_control": self.controller.state_dict()} if self.controller is not None else {}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if self.controller is not None and "regime_control" in state:
+            self.controller.load_state_dict(state["regime_control"])  # type: ignore[arg-type]
 
     @property
     def recompute_old_logprobs(self) -> bool:
@@ -89,7 +110,24 @@ class Learner:
             metrics.update(self.update(plan, pi_old, routing))
         metrics.update(mismatch_metrics(pi_old, batch.rollout_logprobs_per_sequence(), self.host_dp))
         metrics.update(routing.metrics())
+        if self.controller is not None:  # the bounds this step trained with, and the next step's
+            self.controller.observe(self._control_signals(batch, metrics))
+            metrics.update(self.controller.metrics())
         return metrics
+
+    def _control_signals(self, batch: StepBatch, metrics: dict[str, float]) -> StepSignals:
+        """The regime controller's inputs, all global (the same on every rank): the policy's token entropy over the
+        step's updates, the mean response length, and the repetition signal its Regime 3 guard reads."""
+        guard = self.config.algorithm.regime_control.regime3_guard
+        ngram_rate = None
+        if guard.enabled and guard.signal == "repeated_ngram_rate":
+            ngram_rate = batch_repeated_ngram_rate([r.tolist() for r in batch.responses], guard.ngram_size)
+        return StepSignals(
+            entropy=metrics["train/entropy"],
+            response_length_mean=metrics["rollout/response/len_mean"],
+            repetition_truncated_share=metrics["rollout/finish/repetition_frac"],
+            repeated_ngram_rate=ngram_rate,
+        )
 
     def advantages(self, batch: StepBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Rewards in {-1, +1} from correctness, DAPO's overlong shaping, group-relative advantages (Eq. 3)."""
@@ -158,13 +196,14 @@ class Learner:
         """K optimizer updates, one per mini-batch; the on-policy first update captures its pi_old into ``pi_old``
         (and its router agreement into ``routing``: that forward is the pi_old pass of its sequences)."""
         cfg = self.config
+        loss_config = self.loss_config
         results = []
         for index, micro in enumerate(plan.micro):
             capture = index == 0 and self.first_update_on_policy
             if not capture:
                 micro = [with_old_logprobs(b, pi_old) for b in micro]
             result = self.policy.train_minibatch(
-                micro, cfg.algorithm.loss,
+                micro, loss_config,
                 num_global_tokens=plan.token_counts[index], num_global_sequences=plan.sequence_counts[index],
                 old_logprobs="capture" if capture else "given", tis_cap=cfg.algorithm.tis_cap, routing=routing,
             )  # fmt: skip

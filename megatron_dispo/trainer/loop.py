@@ -82,6 +82,7 @@ class Trainer:
         state = self._load_checkpoint() if config.trainer.resume else None
         if state is not None:
             self.start_step = int(state["next_step"])
+            self.learner.load_state_dict(state.get("learner", {}))
         self.source.begin(self.start_step, state)
         if state is not None:  # the engines started from the initial weights: give them the checkpoint's
             self.source.publish_weights(self.start_step - 1, learned=True, evaluate=False, force=True)
@@ -205,7 +206,10 @@ class Trainer:
         from megatron_dispo.models.checkpoint import save_checkpoint
         from megatron_dispo.models.convert_cli import HF_SUBDIR
 
-        state = self.host.broadcast_object(self.source.checkpoint_state(step), LEAD_RANK)
+        state = self.source.checkpoint_state(step)
+        if state is not None:
+            state["learner"] = self.learner.state_dict()
+        state = self.host.broadcast_object(state, LEAD_RANK)
 
         def write_model(path: Path) -> None:
             save_checkpoint(

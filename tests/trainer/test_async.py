@@ -17,17 +17,16 @@ import pytest
 from megatron_dispo.config import load_run_config
 from megatron_dispo.config_loader import ConfigError
 from megatron_dispo.trainer.metrics import read_metrics
-from tests.trainer.conftest import FAST, TINY_CONFIG, copy_run_until, run_train
+from tests.trainer.conftest import DEDICATED_K0, FAST, TINY_CONFIG, TracedRun, copy_run_until, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
 
 STEPS = 4
-COMPARED = ("rollout/", "train/", "eval/", "mismatch/", "refit/probe/max_abs", "refit/probe/mean_abs")
+COMPARED = ("rollout/", "train/", "eval/", "mismatch/", "control/", "refit/probe/max_abs", "refit/probe/mean_abs")
 ASYNC_ONLY = ("rollout/staleness/", "train/staleness")
 REPLICAS_ONLY = "rollout/replica"
 """Engine-replica counters (wall-clock seconds, replica count): they differ with the number of replicas."""
-K0_RANKS = ("rollout.placement=dedicated", "rollout.num_ranks=2")
-"""The k=0 runs: 1 training rank + 2 rollout ranks (nproc 3)."""
+K0_RANKS = DEDICATED_K0
 
 
 def _by_step(run_dir) -> dict[int, dict]:
@@ -47,10 +46,8 @@ def colocated(one_process_run) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def dedicated_k0_dir(warm_tiny_model, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("k0")
-    _run(warm_tiny_model, run_dir, *K0_RANKS, "trainer.checkpoint_every=2", nproc=3)
-    return run_dir
+def dedicated_k0_dir(dedicated_k0_run: TracedRun) -> Path:
+    return dedicated_k0_run.run_dir
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,10 @@ from pathlib import Path
 import pytest
 
 from megatron_dispo.trainer.metrics import read_metrics
-from tests.trainer.conftest import FAST, TINY_CONFIG, run_train
+from tests.trainer.conftest import FAST, ONE_STEP, TINY_CONFIG, TracedRun, run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
 
-ONE_STEP = [*FAST, "trainer.max_steps=1", "eval.every_steps=0", "data.heldout=null", "refit.check_every=1"]
 TP2_SP = ("model.parallel.tensor_model_parallel_size=2", "model.parallel.sequence_parallel=true")
 
 
@@ -62,24 +61,31 @@ def dense_baseline(one_process_run: Path) -> dict[str, float]:
     return record
 
 
-@pytest.mark.parametrize(
-    ("layout", "replicas"),
-    [((*TP2_SP, "rollout.tensor_parallel_size=2"), 1), (("model.parallel.pipeline_model_parallel_size=2",), 2)],
-    ids=["tp2_sp_engine_tp2", "pp2_two_replicas"],
-)
-def test_dense_layouts_match_one_process(warm_tiny_model, dense_baseline, one_process_run, tmp_path, layout, replicas):
-    """World 2 runs one engine replica of TP=2 (vLLM external_launcher, beside Megatron TP=2 + SP) or two TP=1
-    replicas (beside PP=2). Every replica is refitted and passes the probe (``refit.check_every=1``); the held-out
-    evaluation of the initial weights (step 0, the reference run's held-out set) and step 1's rollout use every
-    replica and match one engine."""
+def test_dense_tp2_sp_with_a_tp2_engine_matches_one_process(warm_tiny_model, dense_baseline, one_process_run, tmp_path):
+    """World 2: Megatron TP=2 + SP beside one engine replica of TP=2 (vLLM external_launcher)."""
     heldout = next(arg for arg in FAST if arg.startswith("data.heldout="))
-    got = _step1(warm_tiny_model, tmp_path, *layout, heldout, nproc=2)
+    _step1(warm_tiny_model, tmp_path, *TP2_SP, "rollout.tensor_parallel_size=2", heldout, nproc=2)
+    _assert_dense_layout(tmp_path, dense_baseline, one_process_run, replicas=1)
+
+
+def test_dense_pp2_with_two_replicas_matches_one_process(dense_pp2_run: TracedRun, dense_baseline, one_process_run):
+    """World 2: PP=2 beside two TP=1 replicas (the session's traced run, ``conftest.dense_pp2_run``)."""
+    _assert_dense_layout(dense_pp2_run.run_dir, dense_baseline, one_process_run, replicas=2)
+
+
+def _assert_dense_layout(run_dir: Path, dense_baseline: dict, one_process_run: Path, *, replicas: int) -> None:
+    """Every replica is refitted and passes the probe (``refit.check_every=1``); the held-out evaluation of the
+    initial weights (step 0, the reference run's held-out set) and step 1's rollout use every replica and match one
+    engine; the update matches the one-process step."""
+    (got,) = [r for r in read_metrics(run_dir) if int(r["step"]) == 1]
+    assert got["rollout/dynamic_sampling/empty_batch"] == 0, "no group kept: nothing to compare"
+    assert got["train/grad_norm"] > 0 and got["refit/num_tensors"] > 0
     _assert_same_step(got, dense_baseline)
     assert got["rollout/replicas"] == replicas and dense_baseline["rollout/replicas"] == 1
     assert all(got[f"rollout/replica{i}/tokens"] > 0 for i in range(replicas))
     assert all(got[f"refit/replica{i}/bytes"] == got["refit/replica0/bytes"] > 0 for i in range(replicas))
     assert got["refit/probe/max_abs_delta_logprob"] < 1e-3  # every replica passed (a failing one raises on every rank)
-    (initial,) = [r for r in read_metrics(tmp_path) if int(r["step"]) == 0]
+    (initial,) = [r for r in read_metrics(run_dir) if int(r["step"]) == 0]
     (reference,) = [r for r in read_metrics(one_process_run) if int(r["step"]) == 0]
     assert initial["eval/heldout/accuracy"] == reference["eval/heldout/accuracy"]
 

@@ -23,7 +23,7 @@ from tests.trainer.conftest import FAST, copy_run_until, run_train, train_comman
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
 
-COMPARED = ("rollout/", "train/", "eval/", "mismatch/")
+COMPARED = ("rollout/", "train/", "eval/", "mismatch/", "control/")
 
 
 def _by_step(run_dir):
@@ -59,6 +59,12 @@ def test_single_process_run_has_finite_metrics_and_learns(full_run):
         assert 0.0 < token_fracs <= 1.0 + 1e-9
         assert record["refit/num_tensors"] > 0
     assert updated >= 2, "dynamic sampling left most steps without a batch; the warm-up model is off"
+    # adaptive DISPO (FAST's band sits below the model's entropy): the first update trains with the preset's bounds,
+    # each later one with eps_high_pos shrunk and eps_low_pos widened by the controller's steps
+    trained = [records[s] for s in (1, 2, 3, 4) if "control/eps_high_pos" in records[s]]
+    assert trained[0]["control/eps_high_pos"] == 10.0 and trained[0]["control/eps_low_pos"] == 0.2
+    assert trained[-1]["control/eps_high_pos"] < 10.0 and trained[-1]["control/eps_low_pos"] > 0.2
+    assert all(r["control/entropy"] == r["train/entropy"] > r["control/band_high"] for r in trained)
     probes = [
         r["refit/probe/max_abs_delta_logprob"] for r in records.values() if "refit/probe/max_abs_delta_logprob" in r
     ]
