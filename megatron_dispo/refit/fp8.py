@@ -99,5 +99,3 @@ def quantize_named_tensors(named_tensors: Iterable[tuple[str, Tensor]]) -> Itera
             yield scale_name_for(name), scale_inv
         else:
             yield name, tensor
-
-

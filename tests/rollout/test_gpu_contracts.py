@@ -95,7 +95,8 @@ def test_gpu_contract_engine_device_comes_from_local_rank(
     device index), not the uniproc executor (always cuda:0); the trainer's current device (5) is put back after."""
     monkeypatch.setenv("LOCAL_RANK", "3")
     llm = _start_recorded(tmp_path, monkeypatch, RolloutConfig(dtype="bfloat16"))
-    assert llm.kwargs.get("distributed_executor_backend") == "external_launcher", llm.kwargs
+    backend = llm.kwargs.get("distributed_executor_backend")
+    assert backend == "external_launcher", f"distributed_executor_backend={backend!r}: the uniproc executor uses cuda:0"
     assert llm.env["LOCAL_RANK"] == "3" and llm.env["RANK"] == "0" and llm.env["WORLD_SIZE"] == "1"
     assert fake_cuda[-1] == ("set_device", 5)
     assert os.environ["LOCAL_RANK"] == "3" and "RANK" not in os.environ  # the launcher's variables are restored
