@@ -324,9 +324,7 @@ class Refitter:
         reference = trainer_logprobs(self.probe) if callable(trainer_logprobs) else trainer_logprobs
         report = compare_logprobs(engine_logprobs, reference)
         mean_limit = self.probe_mean_abs
-        too_far = report.max_abs > self.probe_max_abs or (
-            mean_limit is not None and report.mean_abs > mean_limit
-        )
+        too_far = report.max_abs > self.probe_max_abs or (mean_limit is not None and report.mean_abs > mean_limit)
         if not too_far:
             return report
         message = (

@@ -113,7 +113,8 @@ def fp8_quantization_config(hf_config: Any) -> dict[str, Any]:
     ignored layers exactly by prefix), so the engine keeps them unquantised, as this module sends them.
     """
     ignored = ["lm_head"]
-    num_experts = int(_field(hf_config, "num_experts", 0) or 0)
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts in config.json; hub files say num_experts
+    num_experts = int(_field(hf_config, "num_experts", None) or _field(hf_config, "num_local_experts", 0) or 0)
     if num_experts > 0:
         mlp_only = set(_field(hf_config, "mlp_only_layers", []) or [])
         step = int(_field(hf_config, "decoder_sparse_step", 1) or 1)
