@@ -102,7 +102,7 @@ class RolloutEngine:
             raise FileNotFoundError(f"{config_file} not found: model_path must be an HF checkpoint directory.")
         self._hf_config: dict[str, Any] = json.loads(config_file.read_text())
         self.device = self._resolve_device(config.device)
-        self.is_moe = int(self._hf_config.get("num_experts", self._hf_config.get("num_local_experts", 0)) or 0) > 0
+        self.is_moe = self.num_experts > 0
         if config.capture_routed_experts and not self.is_moe:
             raise ValueError(f"capture_routed_experts=True but {self.model_path} is not a MoE model; switch it off.")
         if config.expert_parallel and not self.is_moe:
@@ -258,6 +258,12 @@ class RolloutEngine:
         return self._tokenizer
 
     # ------------------------------------------------------------------ inputs
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer of the checkpoint (0 for a dense model)."""
+        cfg = self._hf_config
+        return int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+
     @property
     def call_index(self) -> int:
         """Number of ``generate`` calls so far: unseeded request seeds derive from it, so every replica must agree."""

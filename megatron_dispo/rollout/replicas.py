@@ -11,9 +11,10 @@ on every rank turns them into one engine for the driver (global rank 0):
   sampling overrides as a small object, prompts as packed int64 tensors); every rank deals the prompt groups to the
   replicas the same way (whole groups, balanced by expected tokens, ``placement.deal_groups``); each replica
   generates its share (all ranks of a TP > 1 replica, as ``external_launcher`` requires); a fixed-size report from
-  every rank (error flag + message, sizes, seconds) is all-gathered before any result moves; then each leader's
-  outputs reach the driver as tensors (lengths, finish codes, packed ids, packed float32 log-probs) and are put back
-  in the request's order;
+  every rank (error flag + message, sizes, seconds) is all-gathered before any result moves; then each leader, and
+  only the leader (TP followers hold copies), sends its outputs to the driver point to point at their exact sizes
+  (lengths, finish codes, packed ids, packed float32 log-probs, captured routing as 1- or 2-byte expert codes,
+  ``routing_payload.py``), and they are put back in the request's order;
 * sampling does not depend on the layout: request seeds derive from each prompt's index in the whole request, so one
   engine and N replicas draw the same tokens;
 * failures never hang: every collective has ``rollout.replica_timeout_s`` as its bound, and an exception on any rank
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,7 @@ from megatron_dispo.rollout.config import RolloutConfig
 from megatron_dispo.rollout.engine import SAMPLING_OVERRIDES, RolloutEngine
 from megatron_dispo.rollout.placement import deal_groups, place_replicas
 from megatron_dispo.rollout.replica_world import free_port
+from megatron_dispo.rollout.routing_payload import decode_routing, encode_routing
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -56,10 +58,19 @@ STARTUP_TIMEOUT = timedelta(minutes=30)
 _OP_RELEASE, _OP_GENERATE, _OP_SCORE = 0, 1, 2
 _HEADER_SIZE = 6  # op, number of sequences, n, driver's call index, sum of sequence lengths, has prompt_lens
 _MESSAGE_BYTES = 1024
-# report slots: failed flag, int payload size, float payload size, seconds (ns), three generate counters, message size
-_REPORT_SLOTS = 8
+# report slots: failed flag, int payload size, float payload size, seconds (ns), three generate counters, routing
+# payload bytes, message size
+_REPORT_SLOTS = 9
 _REPETITION_STATS = ("rollout/repetition/ngram", "rollout/repetition/confident_run")
 _DROPPED_STAT = "rollout/repetition/forced_tokens_dropped"
+
+
+class _Payload(NamedTuple):
+    """One replica leader's results: int64 (lengths, finish codes, ids), float32 log-probs, routing bytes."""
+
+    ints: torch.Tensor
+    floats: torch.Tensor
+    routing: torch.Tensor
 
 
 class ReplicaError(RuntimeError):
@@ -83,13 +94,15 @@ class _Report:
     error: str | None = None
     ints: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     floats: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.float32))
+    routing: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.uint8))
+    """Captured routing bytes (``routing_payload.encode_routing``); a replica leader's only."""
     seconds: float = 0.0
     counters: tuple[int, int, int] = (0, 0, 0)  # repetition ngram, confident_run, forced tokens dropped
 
     def encode(self) -> torch.Tensor:
         message = (self.error or "").encode()[:_MESSAGE_BYTES]
         slots = [int(self.error is not None), self.ints.numel(), self.floats.numel(), int(self.seconds * 1e9)]
-        slots += [*self.counters, len(message)]
+        slots += [*self.counters, self.routing.numel(), len(message)]
         row = torch.zeros(_REPORT_SLOTS + _MESSAGE_BYTES, dtype=torch.int64)
         row[:_REPORT_SLOTS] = torch.tensor(slots, dtype=torch.int64)
         row[_REPORT_SLOTS : _REPORT_SLOTS + len(message)] = torch.tensor(list(message), dtype=torch.int64)
@@ -101,28 +114,6 @@ def _decode_error(row: torch.Tensor) -> str | None:
         return None
     size = int(row[_REPORT_SLOTS - 1])
     return bytes(row[_REPORT_SLOTS : _REPORT_SLOTS + size].tolist()).decode(errors="replace")
-
-
-def _routing_payload(routed: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
-    """A replica's captured routing appended to its int payload: (layers, k), then every response's rows flat."""
-    if routed is None:
-        return []
-    if not routed:  # a replica dealt no prompts
-        return [torch.zeros(2, dtype=torch.int64)]
-    layers, top_k = routed[0].shape[1:]
-    return [torch.tensor([layers, top_k], dtype=torch.int64), *(rows.reshape(-1).long() for rows in routed)]
-
-
-def _routing_from_payload(payload: torch.Tensor, rows: Sequence[int]) -> list[torch.Tensor]:
-    """Inverse of :func:`_routing_payload`: int16 ``[rows[i], layers, k]`` per response."""
-    if not rows:
-        return []
-    layers, top_k = (int(v) for v in payload[:2])
-    flat = payload[2:].to(torch.int16)
-    return [
-        chunk.reshape(count, layers, top_k)
-        for chunk, count in zip(flat.split([r * layers * top_k for r in rows]), rows, strict=True)
-    ]
 
 
 class ReplicatedEngine:
@@ -307,18 +298,23 @@ class ReplicatedEngine:
                     f"this engine is at generate call {local.call_index} but the driver's is at {call_index}: "
                     "call local_engine.generate only on every rank alike (or through the ReplicatedEngine)."
                 )
-            # an empty share still counts as a call, so that call indices stay equal on every rank
+            # an empty share still counts as a call, so that call indices stay equal on every rank; every rank of a
+            # TP > 1 replica generates (external_launcher), only its leader reports the results (followers hold copies)
             batch = local.generate([prompts[i] for i in mine], n, prompt_indices=mine, **overrides)
-            finish = [FINISH_REASONS.index(reason) for reason in batch.finish_reason]
-            report.ints = torch.cat(
-                [
-                    torch.tensor(batch.response_lengths, dtype=torch.int64),
-                    torch.tensor(finish, dtype=torch.int64),
-                    torch.tensor([t for ids in batch.response_ids for t in ids], dtype=torch.int64),
-                    *_routing_payload(batch.routed_experts),
-                ]
-            )
-            report.floats = torch.tensor([v for lps in batch.response_logprobs for v in lps], dtype=torch.float32)
+            if self.placement.is_leader:
+                finish = [FINISH_REASONS.index(reason) for reason in batch.finish_reason]
+                report.ints = torch.cat(
+                    [
+                        torch.tensor(batch.response_lengths, dtype=torch.int64),
+                        torch.tensor(finish, dtype=torch.int64),
+                        torch.tensor([t for ids in batch.response_ids for t in ids], dtype=torch.int64),
+                    ]
+                )
+                report.floats = torch.tensor(
+                    [v for lps in batch.response_logprobs for v in lps], dtype=torch.float32
+                )
+                if batch.routed_experts is not None:
+                    report.routing = encode_routing(batch.routed_experts, local.num_experts)
             stats = batch.stats
             report.seconds = stats["rollout/seconds"]
             ngram, confident = (int(stats[key]) for key in _REPETITION_STATS)
@@ -337,7 +333,7 @@ class ReplicatedEngine:
         n: int,
         shares: list[list[int]],
         rows: torch.Tensor,
-        payloads: list[tuple[torch.Tensor, torch.Tensor]],
+        payloads: dict[int, _Payload],
         started: float,
     ) -> RolloutBatch:
         total = len(prompts) * n
@@ -350,7 +346,7 @@ class ReplicatedEngine:
         replica_seconds: list[float] = []
         for replica, share in enumerate(shares):
             leader = self.placement.leaders[replica]
-            ints, floats = payloads[leader]
+            ints, floats, routing = payloads[leader]
             count = len(share) * n
             lengths = ints[:count].tolist()
             codes = ints[count : 2 * count].tolist()
@@ -361,9 +357,8 @@ class ReplicatedEngine:
                 routed_rows = [
                     len(prompts[slot // n]) + length - 1 for slot, length in zip(slots, lengths, strict=True)
                 ]
-                for slot, routed in zip(
-                    slots, _routing_from_payload(ints[2 * count + sum(lengths) :], routed_rows), strict=True
-                ):
+                decoded = decode_routing(routing, routed_rows, self.local_engine.num_experts)
+                for slot, routed in zip(slots, decoded, strict=True):
                     routed_experts[slot] = routed
             for k, slot in enumerate(slots):
                 response_ids[slot] = ids[k].tolist()
@@ -409,8 +404,9 @@ class ReplicatedEngine:
             if mine:
                 lens = None if prompt_lens is None else [prompt_lens[i] for i in mine]
                 scores = self.local_engine.score([sequences[i] for i in mine], prompt_lens=lens)
-            report.ints = torch.tensor([score.numel() for score in scores], dtype=torch.int64)
-            report.floats = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32)
+            if self.placement.is_leader:
+                report.ints = torch.tensor([score.numel() for score in scores], dtype=torch.int64)
+                report.floats = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32)
         except Exception as error:
             report.error = f"{type(error).__name__}: {error}"
         rows = self._exchange_reports(report, "score")
@@ -419,7 +415,7 @@ class ReplicatedEngine:
             return []
         result: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
         for replica, share in enumerate(shares):
-            ints, floats = payloads[self.placement.leaders[replica]]
+            ints, floats, _ = payloads[self.placement.leaders[replica]]
             for index, values in zip(share, torch.split(floats, ints.tolist()), strict=True):
                 result[index] = values.clone()
         return result
@@ -495,29 +491,34 @@ class ReplicatedEngine:
             raise ReplicaError("; ".join(failures))
         return rows
 
-    def _gather_payloads(
-        self, report: _Report, rows: torch.Tensor, phase: str
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every rank's (ints, floats) payload on the driver (padded to the largest, as gloo's gather wants)."""
+    def _gather_payloads(self, report: _Report, rows: torch.Tensor, phase: str) -> dict[int, _Payload]:
+        """Every replica leader's (ints, floats, routing) on the driver, point to point at their exact sizes (the
+        sizes came with the reports); TP followers send nothing. Other ranks get an empty dict."""
+        mine = _Payload(report.ints, report.floats, report.routing)
         if self._group is None:
-            return [(report.ints, report.floats)]
-        int_sizes, float_sizes = rows[:, 1].tolist(), rows[:, 2].tolist()
-        ints = torch.zeros(max(int_sizes), dtype=torch.int64)
-        ints[: report.ints.numel()] = report.ints
-        floats = torch.zeros(max(float_sizes), dtype=torch.float32)
-        floats[: report.floats.numel()] = report.floats
-        driver = self.is_driver
-        int_rows = [torch.empty_like(ints) for _ in int_sizes] if driver else None
-        float_rows = [torch.empty_like(floats) for _ in float_sizes] if driver else None
-        self._collective(phase, lambda: dist.gather(ints, int_rows, dst=DRIVER_RANK, group=self._group))
-        self._collective(phase, lambda: dist.gather(floats, float_rows, dst=DRIVER_RANK, group=self._group))
-        if not driver:
-            return []
-        assert int_rows is not None and float_rows is not None
-        return [
-            (int_rows[r][:size], float_rows[r][:fsize])
-            for r, (size, fsize) in enumerate(zip(int_sizes, float_sizes, strict=True))
-        ]
+            return {self.placement.rank: mine}
+        leaders = self.placement.leaders
+        if not self.is_driver:
+            if self.placement.is_leader:
+                for tensor in mine:
+                    if tensor.numel():
+                        self._collective(phase, lambda t=tensor: dist.send(t, DRIVER_RANK, group=self._group))
+            return {}
+        payloads = {DRIVER_RANK: mine}
+        for leader in leaders:
+            if leader == DRIVER_RANK:
+                continue
+            sizes = (int(rows[leader, 1]), int(rows[leader, 2]), int(rows[leader, 7]))
+            received = _Payload(
+                torch.empty(sizes[0], dtype=torch.int64),
+                torch.empty(sizes[1], dtype=torch.float32),
+                torch.empty(sizes[2], dtype=torch.uint8),
+            )
+            for tensor in received:
+                if tensor.numel():
+                    self._collective(phase, lambda t=tensor, src=leader: dist.recv(t, src, group=self._group))
+            payloads[leader] = received
+        return payloads
 
     # ------------------------------------------------------------------ lifetime
     def sleep(self) -> None:
