@@ -310,9 +310,7 @@ class ReplicatedEngine:
                         torch.tensor([t for ids in batch.response_ids for t in ids], dtype=torch.int64),
                     ]
                 )
-                report.floats = torch.tensor(
-                    [v for lps in batch.response_logprobs for v in lps], dtype=torch.float32
-                )
+                report.floats = torch.tensor([v for lps in batch.response_logprobs for v in lps], dtype=torch.float32)
                 if batch.routed_experts is not None:
                     report.routing = encode_routing(batch.routed_experts, local.num_experts)
             stats = batch.stats
