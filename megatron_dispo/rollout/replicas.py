@@ -519,9 +519,10 @@ class ReplicatedEngine:
         return payloads
 
     # ------------------------------------------------------------------ lifetime
-    def sleep(self) -> None:
-        """This rank's engine: free GPU memory for training (no-op on CPU). Every rank calls it."""
-        self.local_engine.sleep()
+    def sleep(self, *, refit_follows: bool = True) -> None:
+        """This rank's engine: free GPU memory for training (no-op on CPU). Every rank calls it. ``refit_follows``:
+        discard the weights (vLLM level 2), see :meth:`RolloutEngine.sleep`."""
+        self.local_engine.sleep(refit_follows=refit_follows)
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """This rank's engine: bring ``tags`` back (weights, then KV cache; no-op on CPU). Every rank calls it."""
