@@ -27,13 +27,15 @@ Memory model, per GPU, in bytes (the GiB figures of ``docs/launch.md`` come from
   ``selective`` recomputes the s^2 attention tensors that flash attention never stores, so it counts as ``none``.
   FP8 activations are counted as bf16 (an upper bound).
 - **engine**: vLLM runs colocated and takes ``rollout.gpu_memory_utilization`` x GPU memory (weights + KV cache). Its
-  weights are the full model / engine TP (experts included), bf16 (``rollout.dtype``) or, with ``refit.fp8``, 1 byte
-  per linear weight; the KV cache is what the fraction leaves after the weights (vLLM's own activation workspace comes
-  out of that too, so the KV figure is an upper bound), shown with how many ``rollout.max_model_len`` sequences fit.
-- **phases**: the engine sleeps (level 1: weights to CPU, KV cache freed) while the trainer runs, and the trainer's
-  weights, grad buffers and optimizer states stay on the GPU throughout. So the rollout phase holds trainer state +
-  the engine's fraction, the training phase trainer state + activations; each plus ``reserve`` (CUDA context, NCCL,
-  allocator fragmentation) must fit the GPU.
+  weights are the full model / engine TP (experts included), bf16 (``rollout.dtype``) or, for an FP8 engine
+  (``rollout.quantization=fp8``, refitted with ``refit.fp8``), 1 byte per linear weight plus a float32
+  ``weight_scale_inv`` per 128 x 128 block; the KV cache is what the fraction leaves after the weights (vLLM's own
+  activation workspace comes out of that too, so the KV figure is an upper bound), shown with how many
+  ``rollout.max_model_len`` sequences fit.
+- **phases**: the engine sleeps (level 2: weights and KV cache discarded, the refit rewrites the weights) while the
+  trainer runs, and the trainer's weights, grad buffers and optimizer states stay on the GPU throughout. So the
+  rollout phase holds trainer state + the engine's fraction, the training phase trainer state + activations; each
+  plus ``reserve`` (CUDA context, NCCL, allocator fragmentation) must fit the GPU.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from megatron_dispo.models.presets import PRESETS
 __all__ = ["GIB", "MemoryPlan", "ModelArch", "Plan", "PlanError", "activation_bytes_per_token", "make_plan"]
 
 GIB = 1 << 30
+FP8_BLOCK_ELEMENTS = 128 * 128
+"""Weights per float32 ``weight_scale_inv`` of the FP8 engine (``rollout/fp8_engine.py``)."""
 Recompute = Literal["none", "selective", "full"]
 
 
@@ -498,9 +502,16 @@ def make_plan(
 
     total, _ = arch.count()
     engine_dtype = 2 if config.rollout.dtype == "bfloat16" else 4
-    if config.refit.fp8:
+    fp8_engine = config.rollout.quantization == "fp8"
+    if config.refit.fp8 != fp8_engine:
+        raise PlanError(
+            f"refit.fp8={config.refit.fp8} but rollout.quantization={config.rollout.quantization!r}: FP8 refits fit "
+            "only an FP8 engine; set both (refit.fp8=true, rollout.quantization=fp8) or neither."
+        )
+    if fp8_engine:
         linear = arch.linear_params()
-        engine_weights = (linear + (total - linear) * engine_dtype) // lay.engine_tp
+        scales = linear // (FP8_BLOCK_ELEMENTS) * 4  # Qwen3's projection dims are multiples of 128
+        engine_weights = (linear + scales + (total - linear) * engine_dtype) // lay.engine_tp
     else:
         engine_weights = total * engine_dtype // lay.engine_tp
     kv_heads = math.ceil(arch.num_kv_heads / lay.engine_tp)  # vLLM replicates KV heads when engine TP > KV heads

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     split = ", / TP (SP)" if lay.sp else ""
     how = f"{plan.tokens_per_microbatch} tokens/micro-batch (budget {budget}), recompute {plan.recompute}{split}"
     table.add_row("activations", _gib(mem.activations), "-", how)
-    fp8_engine = ", fp8 linears" if config.refit.fp8 else ""
+    fp8_engine = ", fp8 linears" if config.rollout.quantization == "fp8" else ""
     table.add_row(
         "engine weights", "-", _gib(mem.engine_weights), f"full model / engine TP {lay.engine_tp}{fp8_engine}"
     )

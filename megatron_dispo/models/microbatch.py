@@ -18,7 +18,7 @@ import torch
 
 from megatron_dispo.models.routing_replay import align_routed_experts
 
-__all__ = ["MicroBatch", "build_microbatch", "with_old_logprobs"]
+__all__ = ["MicroBatch", "build_microbatch", "fp8_gemm_alignment", "width_multiple", "with_old_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,27 @@ class MicroBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.response_mask.sum().item())
+
+
+def fp8_gemm_alignment(fp8_recipe: str) -> int:
+    """Token-count alignment of Transformer Engine's FP8 GEMMs: 32 for MXFP8 (32-element scaling blocks), else 16.
+
+    TE (``pytorch/utils.py: assert_dim_for_fp8_exec``) needs the product of an FP8 GEMM input's leading dims divisible
+    by 8 and its last dim by 16; the weight-gradient GEMM takes the token dim as the inner one, so Megatron-Core aligns
+    tokens to 16 (``fp8_utils.get_fp8_align_size``: 32 for MXFP8).
+    """
+    return 32 if fp8_recipe == "mxfp8" else 16
+
+
+def width_multiple(tensor_parallel_size: int, sequence_parallel: bool, fp8: str | None, fp8_recipe: str) -> int:
+    """Multiple the sequence width ``T`` of every micro-batch must be padded to for the policy's forward.
+
+    Sequence parallelism splits ``T`` over TP ranks, so ``T % TP == 0``; FP8 execution needs each rank's token count
+    (``n * T / TP`` with SP, ``n * T`` without) aligned to :func:`fp8_gemm_alignment`, which ``T`` being a multiple of
+    alignment x TP (SP) or of the alignment guarantees for any row count ``n``.
+    """
+    tp = tensor_parallel_size if sequence_parallel else 1
+    return tp * (fp8_gemm_alignment(fp8_recipe) if fp8 is not None else 1)
 
 
 def build_microbatch(

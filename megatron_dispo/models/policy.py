@@ -28,7 +28,7 @@ from megatron_dispo.algorithms.tis import truncated_is_weights
 from megatron_dispo.models.builder import build_model, model_forward_logits
 from megatron_dispo.models.convert import export_hf_weights, load_hf_weights
 from megatron_dispo.models.logprobs import vocab_parallel_logprobs_entropy
-from megatron_dispo.models.microbatch import MicroBatch
+from megatron_dispo.models.microbatch import MicroBatch, width_multiple
 from megatron_dispo.models.optimizer import OptimizerSettings, build_optimizer, finalize_and_step, wrap_ddp, zero_grads
 from megatron_dispo.models.parallel import ParallelConfig
 from megatron_dispo.models.prefix_sharing import shared_prefix_logits
@@ -79,6 +79,10 @@ class MegatronPolicy:
         self._pp_last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         # sequence parallelism splits the sequence over TP: micro-batches are padded to a multiple of TP here
         self._sp_multiple = parallel.tensor_model_parallel_size if self.model.config.sequence_parallel else 1
+        recipe = getattr(self.model.config, "fp8_recipe", "delayed") or "delayed"
+        self._width_multiple = width_multiple(
+            parallel.tensor_model_parallel_size, bool(self.model.config.sequence_parallel), fp8, str(recipe)
+        )
         self._tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.device = next(self.model.parameters()).device
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -88,12 +92,13 @@ class MegatronPolicy:
 
     # ------------------------------------------------------------------ forward
     def _device_batch(self, batch: MicroBatch) -> MicroBatch:
-        """The micro-batch on the model's device, input_ids right-padded to a multiple of TP under sequence
-        parallelism (Megatron splits the sequence over TP ranks; causal attention keeps the real positions exact)."""
+        """The micro-batch on the model's device, input_ids right-padded to :func:`width_multiple` (a multiple of TP
+        under sequence parallelism, which splits the sequence over TP ranks; times Transformer Engine's FP8 GEMM
+        alignment with FP8). Causal attention keeps the real positions exact."""
         input_ids, routed = batch.input_ids, batch.routed_experts
         width = input_ids.shape[1]
-        if self._sp_multiple > 1 and width % self._sp_multiple:
-            padded = -(-width // self._sp_multiple) * self._sp_multiple
+        if self._width_multiple > 1 and width % self._width_multiple:
+            padded = -(-width // self._width_multiple) * self._width_multiple
             input_ids = torch.nn.functional.pad(input_ids, (0, padded - width), value=batch.pad_token_id)
             if routed is not None:
                 routed = torch.nn.functional.pad(routed, (0, 0, 0, 0, 0, padded - width), value=NO_ROUTE)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from megatron_dispo.hf_checkpoint import checkpoint_shapes
 from megatron_dispo.refit.buckets import iter_buckets
-from megatron_dispo.refit.config import RefitConfig
+from megatron_dispo.refit.config import EngineDtype, RefitConfig
 from megatron_dispo.refit.fp8 import quantize_named_tensors
 from megatron_dispo.refit.probe import (
     ProbeBatch,
@@ -226,6 +226,9 @@ class Refitter:
             model_path = getattr(engine, "model_path", None)
             if model_path is not None and Path(model_path).is_dir():
                 self.expected_shapes = expected_shapes_from_checkpoint(model_path)
+        engine_config = getattr(engine, "config", None)
+        self.engine_dtype = _engine_dtype(engine_config, self.config.fp8)
+        self.probe_max_abs, self.probe_mean_abs = self.config.probe_thresholds(self.engine_dtype)
         has_engine = engine is not None and callable(getattr(engine, "update_weights", None))
         self.transport_name = resolve_transport(
             self.config.transport, has_engine=has_engine, has_rpc=self.rpc is not None, has_group=group is not None
@@ -236,7 +239,7 @@ class Refitter:
             self.transport: Any = ColocatedTransport(engine, names_checked=names_checked)
         elif self.transport_name == "cuda_ipc":
             assert self.rpc is not None  # resolve_transport checked it
-            self.transport = CudaIpcTransport(self.rpc)
+            self.transport = CudaIpcTransport(self.rpc, _find_reset_prefix_cache(engine))
         else:
             self.transport = NcclBroadcastTransport(group, src)
 
@@ -320,17 +323,15 @@ class Refitter:
         engine_logprobs = self.engine.score(sequences, prompt_lens=prompt_lens)
         reference = trainer_logprobs(self.probe) if callable(trainer_logprobs) else trainer_logprobs
         report = compare_logprobs(engine_logprobs, reference)
-        mean_limit = self.config.probe_mean_abs_threshold
-        too_far = report.max_abs > self.config.probe_max_abs_threshold or (
-            mean_limit is not None and report.mean_abs > mean_limit
-        )
+        mean_limit = self.probe_mean_abs
+        too_far = report.max_abs > self.probe_max_abs or (mean_limit is not None and report.mean_abs > mean_limit)
         if not too_far:
             return report
         message = (
             f"refit self-check failed after refit #{self.refit_index}: {report.describe()}; thresholds: max "
-            f"{self.config.probe_max_abs_threshold:g}"
+            f"{self.probe_max_abs:g}"
             + (f", mean {mean_limit:g}" if mean_limit is not None else "")
-            + " nats."
+            + f" nats ({self.engine_dtype} engine)."
         )
         if sent_checksums and self.rpc is not None:
             from megatron_dispo.refit import vllm_worker
@@ -400,6 +401,32 @@ def _find_rpc(engine: Any) -> Callable[..., list[Any]] | None:
         return lambda fn, *args: engine.collective_rpc(fn, args=args)
     if callable(getattr(getattr(engine, "llm", None), "collective_rpc", None)):
         return lambda fn, *args: engine.llm.collective_rpc(fn, args=args)
+    return None
+
+
+def _engine_dtype(engine_config: Any, fp8_refit: bool) -> EngineDtype:
+    """What the engine computes in, from its ``RolloutConfig`` (fp32 for an engine without one); the FP8 refit and the
+    FP8 engine must come together: codes and scales fit only an engine built from an FP8 checkpoint."""
+    quantization = getattr(engine_config, "quantization", "none")
+    if engine_config is not None and fp8_refit != (quantization == "fp8"):
+        raise ValueError(
+            f"refit.fp8={fp8_refit} but rollout.quantization={quantization!r}: an FP8 refit needs an FP8 engine and an "
+            "FP8 engine an FP8 refit; set both (refit.fp8=true, rollout.quantization=fp8) or neither."
+        )
+    if fp8_refit:
+        return "fp8"
+    return getattr(engine_config, "dtype", "float32")
+
+
+def _find_reset_prefix_cache(engine: Any) -> Callable[[], object] | None:
+    """The engine's ``reset_prefix_cache`` (``engine.reset_prefix_cache`` or vLLM ``engine.llm.reset_prefix_cache``),
+    looked up at every call like :func:`_find_rpc`."""
+    if engine is None:
+        return None
+    if callable(getattr(engine, "reset_prefix_cache", None)):
+        return lambda: engine.reset_prefix_cache()
+    if callable(getattr(getattr(engine, "llm", None), "reset_prefix_cache", None)):
+        return lambda: engine.llm.reset_prefix_cache()
     return None
 
 

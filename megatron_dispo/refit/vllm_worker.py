@@ -3,19 +3,19 @@
 A refit through CUDA-IPC arrives bucket by bucket, and a bucket may hold ``q_proj`` but not ``k_proj`` of the same
 fused ``qkv_proj``. vLLM's in-place reload (``model_loader.reload``) buffers a fused layer until all of its weights
 arrived, but only within one reload session, so the worker keeps the session open across buckets:
-:func:`begin_reload` once, :func:`load_ipc_bucket` (or :func:`load_tensors`) per bucket, :func:`finish_reload` once.
+:func:`begin_reload` once, :func:`load_ipc_bucket` (or :func:`load_tensors`) per bucket, :func:`finish_reload` once
+(the session functions live in :mod:`megatron_dispo.rollout.worker_reload`, which the in-process engine uses too).
 :func:`parameter_fingerprints` reads the engine's weights back for the self-check's localisation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from megatron_dispo.refit.transports import IpcBucketPayload, rebuild_ipc_bucket
+from megatron_dispo.refit.ipc import IpcBucketPayload, rebuild_ipc_bucket
+from megatron_dispo.rollout.worker_reload import begin_reload, finish_reload, load_tensors
 
 __all__ = ["begin_reload", "finish_reload", "load_ipc_bucket", "load_tensors", "parameter_fingerprints"]
 
@@ -24,42 +24,10 @@ def _model(worker: Any) -> torch.nn.Module:
     return worker.model_runner.get_model()
 
 
-def begin_reload(worker: Any) -> None:
-    """Open a layer-wise reload session on the worker's model (vLLM ``initialize_layerwise_reload``)."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
-
-    with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(_model(worker))
-
-
-def load_tensors(worker: Any, named_tensors: Iterable[tuple[str, Tensor]]) -> int:
-    """Feed HF-named checkpoint-format tensors to the model's own ``load_weights``; return how many were given."""
-    from vllm.config import set_current_vllm_config
-
-    tensors = list(named_tensors)
-    with set_current_vllm_config(worker.vllm_config), torch.no_grad():
-        _model(worker).load_weights(iter(tensors))
-    return len(tensors)
-
-
 def load_ipc_bucket(worker: Any, payload: IpcBucketPayload) -> int:
     """Map one CUDA-IPC bucket on this worker's GPU and load its tensors."""
     device_index = torch.cuda.current_device() if torch.cuda.is_available() else None
     return load_tensors(worker, rebuild_ipc_bucket(payload, device_index))
-
-
-def finish_reload(worker: Any) -> None:
-    """Close the session: process layers (requantise, repack) and drop caches derived from the old weights."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
-
-    with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(_model(worker), worker.vllm_config.model_config)
-    runner = worker.model_runner
-    for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
-        if callable(getattr(runner, reset, None)):
-            getattr(runner, reset)()
 
 
 def parameter_fingerprints(worker: Any) -> dict[str, tuple[float, float, int]]:

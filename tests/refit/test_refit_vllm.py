@@ -96,7 +96,7 @@ def test_dense_tp2_refit_matches_megatron_and_self_check_catches_corruption(
         assert _max_delta(stale, case["after"]) > 0.05  # the step changed the model measurably
         # the CUDA-IPC path's packing, payload and worker-side reload session, with CPU buffers (engine in-process);
         # 64 KiB buckets and no fused-group rule: q/k/v and gate/up land in different buckets of one session
-        ipc = CudaIpcTransport(_rpc(engine), device="cpu")
+        ipc = CudaIpcTransport(_rpc(engine), engine.llm.reset_prefix_cache, device="cpu")
         counters = ipc.transfer(iter_buckets(iter(weights), 64 << 10))
         assert counters.num_buckets > 10 and counters.num_tensors == len(weights)
         assert _max_delta(engine.score(case["probe"]), case["after"]) <= TOLERANCE

@@ -105,8 +105,9 @@ def test_auto_selection_table() -> None:
         return resolve_transport("auto", **(base | kwargs))
 
     assert pick() == "colocated"  # CPU: always in-process
-    assert pick(cuda_available=True) == "cuda_ipc"  # GPU, engine workers reachable by RPC
-    assert pick(cuda_available=True, has_group=True) == "nccl"  # GPU, separate engine ranks
+    assert pick(cuda_available=True) == "colocated"  # GPU, engine object in this process (its RPC exists too)
+    assert pick(cuda_available=True, has_engine=False) == "cuda_ipc"  # GPU, engine workers reachable only by RPC
+    assert pick(cuda_available=True, has_engine=False, has_group=True) == "nccl"  # GPU, separate engine ranks
     assert pick(cuda_available=True, has_rpc=False) == "colocated"
     with pytest.raises(TransportUnavailableError, match="no way to reach the engine"):
         pick(has_engine=False)
@@ -122,7 +123,7 @@ def test_unavailable_transports_raise_clear_errors() -> None:
         resolve_transport("colocated", cuda_available=False, has_engine=False, has_rpc=False, has_group=False)
     if not torch.cuda.is_available():
         with pytest.raises(TransportUnavailableError, match="needs CUDA"):
-            CudaIpcTransport(rpc=lambda *args: [])
+            CudaIpcTransport(rpc=lambda *args: [], reset_prefix_cache=lambda: None)
     if "RANK" not in os.environ:
         with pytest.raises(TransportUnavailableError, match="process group"):
             NcclBroadcastTransport(None, src=0)

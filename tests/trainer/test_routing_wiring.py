@@ -15,7 +15,7 @@ import torch
 from megatron_dispo.config import load_run_config
 from megatron_dispo.config_loader import ConfigError
 from megatron_dispo.rollout.engine import _vllm_routed_experts
-from megatron_dispo.rollout.replicas import _routing_from_payload, _routing_payload
+from megatron_dispo.rollout.routing_payload import decode_routing, encode_routing
 from megatron_dispo.trainer.config import DynamicSamplingConfig
 from megatron_dispo.trainer.rollout_phase import DynamicSampler, GroupRollout
 from tests.trainer.conftest import TINY_CONFIG
@@ -40,11 +40,11 @@ def test_replay_switch_turns_on_capture_and_needs_a_moe_model(tiny_checkpoints: 
 
 def test_replica_payload_gives_back_every_responses_routing() -> None:
     routed = [_routing(5, 0), _routing(1, 1), _routing(7, 2)]
-    payload = torch.cat(_routing_payload(routed))
-    back = _routing_from_payload(payload, [5, 1, 7])
-    assert all(torch.equal(a, b) and b.dtype == torch.int16 for a, b in zip(routed, back, strict=True))
-    assert _routing_from_payload(torch.cat(_routing_payload([])), []) == []  # a replica dealt no prompts
-    assert _routing_payload(None) == []
+    routed[1][0, 0, 0] = -1  # NO_ROUTE survives the byte codes
+    for num_experts in (8, 512):  # uint8 codes, int16 codes
+        back = decode_routing(encode_routing(routed, num_experts), [5, 1, 7], num_experts)
+        assert all(torch.equal(a, b) and b.dtype == torch.int16 for a, b in zip(routed, back, strict=True))
+    assert decode_routing(encode_routing([], 8), [], 8) == []  # a replica dealt no prompts
 
 
 def test_cached_groups_keep_their_routing_through_a_json_checkpoint() -> None:
