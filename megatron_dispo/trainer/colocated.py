@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from megatron_dispo.comm.channel import GroupChannel
 from megatron_dispo.config import Config
 from megatron_dispo.refit import ProbeBatch, RefitCheckError, RefitMismatchError, RefitStats, send_weights
 from megatron_dispo.trainer.learner import Learner
 from megatron_dispo.trainer.phases import PhaseTimer
 from megatron_dispo.trainer.step_batch import StepBatch, broadcast_step_batch
-from megatron_dispo.trainer.step_metrics import replica_refit_metrics
+from megatron_dispo.trainer.step_metrics import gather_refit_metrics
 
 DRIVER = 0
 """Rank that hosts the collector and drives every replica."""
@@ -132,12 +130,10 @@ class ColocatedRollout:
     def _gather_refit_metrics(self, stats: RefitStats | None, failure: str) -> dict[str, float]:
         """Gathers every rank's refit time, bytes and outcome; raises on every rank if any replica failed."""
         placement = self.engine.placement
-        mine = torch.tensor(
-            [float(bool(failure)), stats.seconds if stats else 0.0, float(stats.payload_bytes if stats else 0)],
-            dtype=torch.float64,
+        seconds, payload = (stats.seconds, stats.payload_bytes) if stats else (0.0, 0)
+        replicas, failed = gather_refit_metrics(
+            self.host, seconds, payload, placement.tensor_parallel_size, failed=bool(failure)
         )
-        rows = self.host.all_gather(mine)
-        failed = [rank for rank, row in enumerate(rows) if row[0] > 0]
         if failed:
             detail = f": {failure}" if failure else f" (see rank {failed[0]}'s log for the details)"
             raise RefitCheckError(
@@ -145,6 +141,4 @@ class ColocatedRollout:
                 f"{self.host.rank}, replica {placement.replica_index}){detail}"
             )
         assert stats is not None
-        metrics = {f"refit/{k.split('/', 1)[-1]}": v for k, v in stats.metrics().items()}
-        metrics |= replica_refit_metrics([row[1:].tolist() for row in rows], placement.tensor_parallel_size)
-        return metrics
+        return {f"refit/{k.split('/', 1)[-1]}": v for k, v in stats.metrics().items()} | replicas

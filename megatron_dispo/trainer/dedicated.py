@@ -15,14 +15,12 @@ The rollout ranks' own program is ``trainer/rollout_ranks.py``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections import deque
 from datetime import timedelta
 from typing import Any
 
-import torch
-
+from megatron_dispo.algorithms.batch_metrics import staleness_metrics
 from megatron_dispo.comm.channel import BridgeError, GroupChannel
 from megatron_dispo.config import Config
 from megatron_dispo.refit import ProbeBatch
@@ -59,26 +57,6 @@ def eval_due(config: Config, version: int) -> bool:
     """The held-out cadence: every ``eval.every_steps`` and the last step."""
     every = config.eval.every_steps
     return bool(every) and (version % every == 0 or version == config.trainer.max_steps)
-
-
-def staleness_metrics(trainer_version: int, batch: StepBatch, train_metrics: dict[str, float]) -> dict[str, float]:
-    """``rollout/staleness/{mean,max}`` and the per-regime IS statistics under ``train/staleness{d}/``.
-
-    Staleness = versions between the sample's generating policy and the one it is trained from. The fixed schedule
-    gives every sample of a batch the same staleness, so the staleness-d subset is the whole batch and its per-regime
-    statistics are the step's own ``train/regime*`` values.
-    """
-    assert batch.policy_version is not None
-    staleness = trainer_version - batch.policy_version
-    distinct = sorted(set(staleness.tolist()))
-    if len(distinct) > 1:
-        raise ValueError(f"batch mixes staleness {distinct}: the generation schedule gives one version per batch.")
-    out = {"rollout/staleness/mean": float(staleness.float().mean()), "rollout/staleness/max": float(staleness.max())}
-    for d in distinct:
-        for key, value in train_metrics.items():
-            if key.startswith("train/regime"):
-                out[f"train/staleness{d}/{key.removeprefix('train/')}"] = value
-    return out
 
 
 class DedicatedRollout:
@@ -123,7 +101,8 @@ class DedicatedRollout:
         return batch, metrics
 
     def batch_metrics(self, step: int, batch: StepBatch, learned: dict[str, float]) -> dict[str, float]:
-        return staleness_metrics(step - 1, batch, learned)
+        assert batch.policy_version is not None
+        return staleness_metrics(step - 1, batch.policy_version, learned)
 
     def publish_weights(self, version: int, *, learned: bool, evaluate: bool, force: bool = False) -> dict[str, float]:
         """Send version ``version`` if a later batch or an evaluation needs it (always with ``force``), after the
@@ -210,8 +189,3 @@ class DedicatedRollout:
         transport.transfer(iter_buckets(stream, self.config.refit.bucket_bytes, group_of=fused_group_key))
         if reply_now and version >= self.start_step:
             self._absorb(self._receive(VersionReports).reports)
-
-
-def with_policy_version(batch: StepBatch, version: int) -> StepBatch:
-    """``batch`` stamped with the version that generated every one of its sequences."""
-    return dataclasses.replace(batch, policy_version=torch.full((batch.num_sequences,), version))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_dispo.algorithms.advantages import group_relative_advantages
+from megatron_dispo.algorithms.batch_metrics import combine_minibatch_metrics, finish_reason_metrics, reward_metrics
 from megatron_dispo.algorithms.loss_config import PolicyLossConfig
 from megatron_dispo.algorithms.regime_control import RegimeController, StepSignals, apply_bounds
 from megatron_dispo.algorithms.repetition import batch_repeated_ngram_rate
@@ -31,12 +32,7 @@ from megatron_dispo.trainer.batching import (
 )
 from megatron_dispo.trainer.phases import PhaseTimer
 from megatron_dispo.trainer.step_batch import StepBatch
-from megatron_dispo.trainer.step_metrics import (
-    combine_minibatch_metrics,
-    finish_reason_metrics,
-    mismatch_metrics,
-    reward_metrics,
-)
+from megatron_dispo.trainer.step_metrics import mismatch_metrics
 
 PiOld = dict[int, torch.Tensor]
 """pi_old of each of this rank's sequences' response tokens, by sequence index in the batch."""

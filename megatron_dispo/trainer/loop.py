@@ -44,7 +44,7 @@ class Trainer:
 
     def __init__(self, config: Config, *, console: Console | None = None, dedicated: Any = None) -> None:
         """``dedicated``: (job layout, store) of a ``rollout.placement=dedicated`` job's training rank, whose
-        training world is already initialised (``trainer/launch.py``); None for colocated."""
+        training world is already initialised (``trainer/cli.py: run_training_job``); None for colocated."""
         from transformers import AutoConfig, AutoTokenizer
 
         from megatron_dispo.models.parallel import initialize_parallel
@@ -73,8 +73,9 @@ class Trainer:
         self.learner = Learner(
             config, self.policy, pad_token_id=int(pad if pad is not None else 0), share_prompts=self._share_prompts()
         )
+        barrier = lambda: dist.barrier(group=self.host.group)  # noqa: E731
         self.checkpoints = CheckpointManager(
-            self.run_dir, keep_last=config.trainer.keep_last, rank=self.rank, barrier=self._barrier
+            self.run_dir, keep_last=config.trainer.keep_last, rank=self.rank, barrier=barrier
         )
         self.source: RolloutSource = self._rollout_source(dedicated)
         self.start_step = 1
@@ -234,9 +235,6 @@ class Trainer:
             raise FileNotFoundError(f"{loaded.path} is marked complete but holds no model checkpoint under model/.")
         load_checkpoint(model_dir, self.policy.model, self.policy.optimizer, parallel=self.config.model.parallel)
         return loaded.trainer_state
-
-    def _barrier(self) -> None:
-        dist.barrier(group=self.host.group)
 
     # ------------------------------------------------------------------ output
     def write_plots(self) -> list[Path]:

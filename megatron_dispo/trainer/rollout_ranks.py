@@ -8,6 +8,7 @@ broadcast transport and refits and checks its own engine; the others serve the d
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -21,7 +22,7 @@ from megatron_dispo.config import Config
 from megatron_dispo.refit import ProbeBatch
 from megatron_dispo.refit.transports import receive_broadcast_buckets
 from megatron_dispo.trainer.bridge import JobLayout, init_rollout_world, open_bridges
-from megatron_dispo.trainer.dedicated import TRAINER, generation_version, with_policy_version
+from megatron_dispo.trainer.dedicated import TRAINER, generation_version
 from megatron_dispo.trainer.messages import (
     BatchReady,
     Hello,
@@ -32,7 +33,7 @@ from megatron_dispo.trainer.messages import (
     WeightsHeader,
 )
 from megatron_dispo.trainer.step_batch import StepBatch, send_step_batch
-from megatron_dispo.trainer.step_metrics import replica_refit_metrics
+from megatron_dispo.trainer.step_metrics import gather_refit_metrics
 
 
 class RolloutRank:
@@ -100,7 +101,8 @@ class RolloutRank:
             metrics["perf/time/rollout_s"] = time.perf_counter() - started - metrics.get("perf/time/reward_s", 0.0)
             metrics["perf/time/wait_for_weights_s"] = waited
             self.bridge.send_object(BatchReady(step, metrics, self.collector.state_dict(), self.reports), TRAINER)
-            send_step_batch(with_policy_version(batch, self.version), TRAINER, self.bridge)
+            versions = torch.full((batch.num_sequences,), self.version)  # every sequence: this version's sample
+            send_step_batch(dataclasses.replace(batch, policy_version=versions), TRAINER, self.bridge)
             self.reports = {}
         while True:  # versions the trainer sends after the last batch: evaluations, then stop
             header = self._control()
@@ -138,19 +140,14 @@ class RolloutRank:
         stats = self.refitter.refit(self._tensors(), trainer_logprobs=header.probe_logprobs)
         self.version = header.version
         report = {f"refit/{k.split('/', 1)[-1]}": v for k, v in stats.metrics().items()}
-        report |= self._replica_refit_metrics(stats.seconds, stats.payload_bytes)
+        tp = self.engine.placement.tensor_parallel_size
+        report |= gather_refit_metrics(self.world, stats.seconds, stats.payload_bytes, tp)[0]
         report["refit/policy_version"] = float(self.version)
         if header.evaluate:
             started = time.perf_counter()
             report.update(self._evaluate())
             report["perf/time/eval_s"] = time.perf_counter() - started
         self.reports[self.version] = report
-
-    def _replica_refit_metrics(self, seconds: float, payload_bytes: int) -> dict[str, float]:
-        """``refit/replica{i}/{time_s,bytes}`` of every replica (its leader's figures), over the rollout world."""
-        mine = torch.tensor([seconds, float(payload_bytes)], dtype=torch.float64)
-        rows = self.world.all_gather(mine) if self.world else [mine]
-        return replica_refit_metrics([row.tolist() for row in rows], self.engine.placement.tensor_parallel_size)
 
     def _evaluate(self) -> dict[str, float]:
         """Held-out accuracy on every replica: the driver evaluates, the other rollout ranks serve it."""

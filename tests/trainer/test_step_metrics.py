@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from megatron_dispo.algorithms import compute_policy_loss, get_preset
+from megatron_dispo.algorithms.batch_metrics import combine_minibatch_metrics
 from megatron_dispo.algorithms.telemetry import METRIC_KEYS
-from megatron_dispo.trainer.step_metrics import combine_minibatch_metrics
 
 
 def _batch(rows: int, seq: int, seed: int, on_policy: bool) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,92 @@
+"""Per-step metrics of a rollout batch and its updates, from plain tensors and metric dicts.
+
+Rewards, lengths and finish reasons of the kept responses; the step's loss metrics combined over its K updates
+(weighted as if over all the step's tokens, `METRIC_REDUCTIONS`); the per-regime statistics by staleness.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from megatron_dispo.algorithms.telemetry import METRIC_REDUCTIONS
+
+__all__ = ["combine_minibatch_metrics", "finish_reason_metrics", "reward_metrics", "staleness_metrics"]
+
+
+def reward_metrics(
+    rewards: torch.Tensor, shaped: torch.Tensor, correct: torch.Tensor, lengths: torch.Tensor, advantages: torch.Tensor
+) -> dict[str, float]:
+    """Over the responses of the (filtered) training batch."""
+    return {
+        "rollout/reward/mean": float(rewards.mean()),
+        "rollout/reward/shaped_mean": float(shaped.mean()),
+        "rollout/batch_accuracy": float(correct.float().mean()),
+        "rollout/response/len_mean": float(lengths.mean()),
+        "rollout/response/len_max": float(lengths.max()),
+        "rollout/response/len_correct_mean": float(lengths[correct].mean()) if bool(correct.any()) else 0.0,
+        "rollout/advantage/abs_mean": float(advantages.abs().mean()),
+        "rollout/num_responses": float(rewards.numel()),
+    }
+
+
+def finish_reason_metrics(finish_reasons: Sequence[str]) -> dict[str, float]:
+    counts = Counter(finish_reasons)
+    total = max(len(finish_reasons), 1)
+    return {
+        f"rollout/finish/{reason}_frac": counts.get(reason, 0) / total for reason in ("stop", "length", "repetition")
+    }
+
+
+def combine_minibatch_metrics(dicts: Sequence[Mapping[str, float]], token_counts: Sequence[int]) -> dict[str, float]:
+    """The step's loss metrics from its K mini-batch updates, as if over all the step's response tokens.
+
+    Each update reports fractions of its own tokens and means inside each regime. A plain mean over updates would
+    count a regime's mean as 0 in an update where the regime is empty (always so in the first, on-policy update) and
+    weigh small mini-batches like large ones, so: 'sum' metrics are weighted by the update's token count, regime means
+    by the regime's token count in that update (`METRIC_REDUCTIONS`); other keys (grad norm, ...) are plain means.
+    """
+    if not dicts:
+        return {}
+    if len(dicts) != len(token_counts):
+        raise ValueError(f"{len(dicts)} metric dicts but {len(token_counts)} token counts.")
+    total_tokens = float(sum(token_counts))
+
+    def weighted(key: str, weights: Sequence[float]) -> float:
+        norm = sum(weights)
+        return sum(float(d[key]) * w for d, w in zip(dicts, weights, strict=True)) / norm if norm > 0 else 0.0
+
+    out: dict[str, float] = {}
+    for key in dicts[0]:
+        reduction = METRIC_REDUCTIONS.get(key)
+        if reduction is None or total_tokens <= 0:
+            out[key] = sum(float(d[key]) for d in dicts) / len(dicts)
+        elif reduction.kind == "sum":
+            out[key] = weighted(key, [float(n) for n in token_counts])
+        else:
+            regime_tokens = [float(d[reduction.weight_key]) * n for d, n in zip(dicts, token_counts, strict=True)]
+            out[key] = weighted(key, regime_tokens)
+    return out
+
+
+def staleness_metrics(
+    trainer_version: int, policy_version: torch.Tensor, train_metrics: Mapping[str, float]
+) -> dict[str, float]:
+    """``rollout/staleness/{mean,max}`` and the per-regime IS statistics under ``train/staleness{d}/``.
+
+    Staleness = versions between the sample's generating policy and the one it is trained from. The fixed schedule
+    gives every sample of a batch the same staleness, so the staleness-d subset is the whole batch and its per-regime
+    statistics are the step's own ``train/regime*`` values.
+    """
+    staleness = trainer_version - policy_version
+    distinct = sorted(set(staleness.tolist()))
+    if len(distinct) > 1:
+        raise ValueError(f"batch mixes staleness {distinct}: the generation schedule gives one version per batch.")
+    out = {"rollout/staleness/mean": float(staleness.float().mean()), "rollout/staleness/max": float(staleness.max())}
+    for d in distinct:
+        for key, value in train_metrics.items():
+            if key.startswith("train/regime"):
+                out[f"train/staleness{d}/{key.removeprefix('train/')}"] = value
+    return out
