@@ -31,7 +31,7 @@ from megatron_dispo.trainer.batching import (
     split_minibatches,
 )
 from megatron_dispo.trainer.phases import PhaseTimer
-from megatron_dispo.trainer.step_batch import StepBatch
+from megatron_dispo.trainer.step_batch import StepBatch, deliver_routing
 from megatron_dispo.trainer.step_metrics import mismatch_metrics
 
 PiOld = dict[int, torch.Tensor]
@@ -55,7 +55,9 @@ class UpdatePlan:
 class Learner:
     """Turns a :class:`StepBatch` into K optimizer updates of ``policy``; returns the step's learning metrics."""
 
-    def __init__(self, config: Config, policy: object, *, pad_token_id: int, share_prompts: bool) -> None:
+    def __init__(
+        self, config: Config, policy: object, host: GroupChannel, *, pad_token_id: int, share_prompts: bool
+    ) -> None:
         from megatron_dispo.models.parallel import host_group
         from megatron_dispo.models.policy import MegatronPolicy
 
@@ -65,7 +67,10 @@ class Learner:
         self.pad_token_id = pad_token_id
         self.share_prompts = share_prompts
         self.group_size = config.algorithm.group_size
+        self.host = host
         self.host_dp = GroupChannel(host_group("dp"), "host", "host-dp")
+        self.dp_rank_of = [int(row) for row in host.all_gather(torch.tensor([policy.dp_rank]))]
+        """Data-parallel rank of every rank of the host world (whose sequences each rank trains on)."""
         control = config.algorithm.regime_control
         self.controller = RegimeController(control, config.algorithm.loss) if control.active else None
         """Adaptive DISPO (``algorithm.regime_control``): moves the clip bounds between steps; None when off."""
@@ -97,6 +102,8 @@ class Learner:
 
     def learn(self, batch: StepBatch, timer: PhaseTimer) -> dict[str, float]:
         """Rewards -> advantages -> pi_old -> K updates on one batch: its reward, ``train/`` and mismatch metrics."""
+        if self.config.rollout.capture_routed_experts:
+            batch = self._deliver_routing(batch)
         advantages, metrics = self.advantages(batch)
         plan = self.plan(batch, advantages)
         routing = RoutingCounts()  # the pi_old pass's router agreement with the engine (MoE, captured routing)
@@ -155,6 +162,18 @@ class Learner:
             token_counts=[sum(response_lengths[i] for i in mb) for mb in minibatches],
             sequence_counts=[int(counted[mb].sum()) for mb in minibatches],
         )
+
+    def _deliver_routing(self, batch: StepBatch) -> StepBatch:
+        """The engine's routing of this rank's sequences only (rank 0 holds the batch's)."""
+        minibatches = split_minibatches(batch.num_sequences, self.group_size, self.config.trainer.num_minibatches)
+        dp_size = self.policy.dp_size
+
+        def trained_by(dp_rank: int) -> list[int]:
+            return [i for mb in minibatches for i in shard_for_data_parallel(mb, self.group_size, dp_rank, dp_size)]
+
+        shares = [trained_by(dp_rank) for dp_rank in self.dp_rank_of]
+        num_experts = int(self.policy.hf_config.num_experts)
+        return deliver_routing(batch, self.host, 0, shares, num_experts)
 
     def _micro_batches(self, batch: StepBatch, indices: Sequence[int], advantages: torch.Tensor) -> list[MicroBatch]:
         """``indices`` as padded micro-batches carrying advantages, correctness, the engine's routing (replayed

@@ -70,8 +70,9 @@ class Trainer:
             fp8=config.model.fp8,
             routing_replay=config.model.moe_routing_replay == "rollout",
         )
+        pad_token_id = int(pad if pad is not None else 0)
         self.learner = Learner(
-            config, self.policy, pad_token_id=int(pad if pad is not None else 0), share_prompts=self._share_prompts()
+            config, self.policy, self.host, pad_token_id=pad_token_id, share_prompts=self._share_prompts()
         )
         barrier = lambda: dist.barrier(group=self.host.group)  # noqa: E731
         self.checkpoints = CheckpointManager(

@@ -53,6 +53,10 @@ class StepBatch:
     engine routed each input token to (``NO_ROUTE`` = -1 where unrecorded, always for a sequence's last token, which
     the engine never fed back). None unless the engine captured routing (MoE routing replay)."""
 
+    local_routing: dict[int, torch.Tensor] | None = field(default=None, compare=False)
+    """On a rank that received only its own sequences' routing (:func:`deliver_routing`): sequence index ->
+    ``[prompt + response, layers, k]``. Not a column: it never travels as part of the batch."""
+
     def __post_init__(self) -> None:
         if self.policy_version is None:
             object.__setattr__(self, "policy_version", torch.zeros(self.num_sequences, dtype=torch.int64))
@@ -106,8 +110,11 @@ class StepBatch:
         """Each sequence's engine log-probs (views into :attr:`rollout_logprobs`)."""
         return list(torch.split(self.rollout_logprobs, self.response_lens.tolist()))
 
-    def routed_experts_per_sequence(self) -> list[torch.Tensor] | None:
-        """Each sequence's engine routing ``[prompt + response, layers, k]`` (views), or None without routing."""
+    def routed_experts_per_sequence(self) -> Sequence[torch.Tensor] | dict[int, torch.Tensor] | None:
+        """Each sequence's engine routing ``[prompt + response, layers, k]`` (views), or None without routing; on a
+        rank that received only its own sequences' routing, those (by sequence index)."""
+        if self.local_routing is not None:
+            return self.local_routing
         if self.routed_experts is None:
             return None
         return list(torch.split(self.routed_experts, (self.prompt_lens + self.response_lens).tolist()))
@@ -152,14 +159,20 @@ def from_table(table: dict[str, torch.Tensor | None]) -> StepBatch:
     return StepBatch(**{name: table[name] for name in _columns() if name in table})
 
 
-def broadcast_step_batch(batch: StepBatch | None, *, src: int, channel: Channel | None) -> StepBatch:
+def broadcast_step_batch(
+    batch: StepBatch | None, *, src: int, channel: Channel | None, without: tuple[str, ...] = ("routed_experts",)
+) -> StepBatch:
     """``src``'s batch on every rank of ``channel`` (a host channel: the batch lives on the CPU); ``batch`` is read on
-    ``src`` only. Without a channel (one process) it is returned as is."""
+    ``src`` only. Columns in ``without`` stay on ``src`` (the routing reaches each rank with
+    :func:`deliver_routing`: only its own sequences'). Without a channel (one process) it is returned as is."""
     if channel is None or channel.size == 1:
         if batch is None:
             raise ValueError("broadcast_step_batch: the source rank must pass its batch.")
         return batch
-    table = broadcast_table(to_table(batch) if batch is not None else None, src, channel)
+    table = None
+    if batch is not None:
+        table = {name: tensor for name, tensor in to_table(batch).items() if name not in without}
+    table = broadcast_table(table, src, channel)
     return batch if channel.rank == src and batch is not None else from_table(table)
 
 
@@ -170,3 +183,36 @@ def send_step_batch(batch: StepBatch, dst: int, channel: Channel) -> None:
 
 def recv_step_batch(src: int, channel: Channel) -> StepBatch:
     return from_table(recv_table(src, channel))
+
+
+def deliver_routing(
+    batch: StepBatch, channel: Channel, src: int, sequences_of_rank: Sequence[Sequence[int]], num_experts: int
+) -> StepBatch:
+    """Each rank of ``channel`` gets the engine routing of the sequences it trains on, and nothing else.
+
+    ``src`` holds the whole batch's routing; every other rank receives its sequences' rows as one-byte expert codes
+    (two bytes with 256 experts or more: ``rollout.routing_payload``) and keeps them in
+    :attr:`StepBatch.local_routing`. At 30B-A3B scale the routing of a step is tens of GB: broadcast whole, every rank
+    would receive all of it, while a data-parallel rank trains on 1/DP of the sequences.
+    """
+    from megatron_dispo.rollout.routing_payload import decode_routing, encode_routing
+
+    if channel.size == 1:
+        return batch
+    if channel.rank == src:
+        routed = batch.routed_experts_per_sequence()
+        assert routed is not None, "deliver_routing: the source rank holds no routing"
+        for rank, indices in enumerate(sequences_of_rank):
+            if rank != src and indices:
+                payload = encode_routing([routed[i] for i in indices], num_experts)
+                channel.send(torch.tensor([payload.numel()], dtype=torch.int64), rank)
+                channel.send(payload, rank)
+        return batch
+    indices = list(sequences_of_rank[channel.rank])
+    local: dict[int, torch.Tensor] = {}
+    if indices:
+        size = channel.recv(torch.zeros(1, dtype=torch.int64), src)
+        payload = channel.recv(torch.empty(int(size.item()), dtype=torch.uint8), src)
+        rows = (batch.prompt_lens[indices] + batch.response_lens[indices]).tolist()
+        local = dict(zip(indices, decode_routing(payload, rows, num_experts), strict=True))
+    return dataclasses.replace(batch, routed_experts=None, local_routing=local)

@@ -86,7 +86,8 @@ def _broadcast_worker() -> dict[str, Any]:  # pragma: no cover - runs in the wor
     got = broadcast_step_batch(_batch(valid=[True, True, False, True]) if rank == 0 else None, src=0, channel=host)
     empty = StepBatch.from_sequences([], [], [], [], [])
     got_empty = broadcast_step_batch(empty if rank == 0 else None, src=0, channel=host)
-    routed = broadcast_step_batch(_batch(routed=_routing()) if rank == 0 else None, src=0, channel=host).routed_experts
+    routed_batch = _batch(routed=_routing()) if rank == 0 else None
+    routed = broadcast_step_batch(routed_batch, src=0, channel=host, without=()).routed_experts  # every column
     return {
         "prompts": [p.tolist() for p in got.prompts],
         "responses": [r.tolist() for r in got.responses],
@@ -112,3 +113,39 @@ def test_broadcast_delivers_the_engine_ranks_batch_to_every_rank() -> None:
     assert receiver["plain_routing"] and receiver["routing"] is not None
     assert receiver["routing"] == ("torch.int16", _batch(routed=_routing()).routed_experts.tolist())
     assert FINISH_REASONS == ("stop", "length", "repetition")
+
+
+def _routing_worker() -> dict[str, Any]:  # pragma: no cover - runs in the workers
+    import torch.distributed as dist
+
+    from megatron_dispo.comm import GroupChannel, init_host_world
+    from megatron_dispo.trainer.step_batch import deliver_routing
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    host = GroupChannel(init_host_world(), "host", "host-world")
+    out: dict[str, Any] = {}
+    for name, routed, experts, shares in (
+        ("int16", _routing(), 1000, [[0, 1, 2, 3], [1, 3]]),  # ids up to ~100: two-byte codes
+        ("uint8", [r % 8 for r in _routing()], 8, [[0, 1, 2, 3], [0, 2]]),
+    ):
+        full = _batch(routed=routed)
+        batch = broadcast_step_batch(full if rank == 0 else None, src=0, channel=host)
+        got = deliver_routing(batch, host, 0, shares, experts)
+        local = got.routed_experts_per_sequence()
+        out[name] = {
+            "broadcast_routing": batch.routed_experts is not None,
+            "local": None if rank == 0 else {i: t.tolist() for i, t in local.items()},  # type: ignore[union-attr]
+        }
+    return out
+
+
+def test_routing_reaches_each_rank_for_its_own_sequences_only() -> None:
+    """The batch broadcast leaves the routing on rank 0; rank 1 receives its sequences' rows, exactly, as 2-byte
+    codes (1000 experts) and 1-byte codes (8 experts), and nothing for the sequences it does not train on."""
+    sender, receiver = run_workers(_routing_worker, 2, timeout_s=120)
+    for name, modulo, mine in (("int16", None, [1, 3]), ("uint8", 8, [0, 2])):
+        assert sender[name]["broadcast_routing"] and not receiver[name]["broadcast_routing"]
+        full = _batch(routed=[r if modulo is None else r % modulo for r in _routing()]).routed_experts_per_sequence()
+        assert full is not None
+        assert receiver[name]["local"] == {i: full[i].tolist() for i in mine}  # NO_ROUTE (-1) rows restored too
