@@ -104,7 +104,10 @@ def run_checks(work_dir: Path) -> list[dict[str, Any]]:
     def collectives() -> str:
         logprobs = [[-0.5] * len(r) for r in responses]
         batch = StepBatch.from_sequences(prompts, responses, logprobs, [True, False, True, False], ["stop"] * 4)
-        batch = broadcast_step_batch(batch)
+        from megatron_dispo.comm import GroupChannel, init_host_world
+
+        host = GroupChannel(init_host_world(), "host", "host-world")  # the batch is host data: a gloo group
+        batch = broadcast_step_batch(batch, src=0, channel=host)
         device = state["device"] or torch.device("cpu")
         checked = []
         for name, tensor in (("tokens", batch.tokens), ("logprobs", batch.rollout_logprobs)):
@@ -136,15 +139,14 @@ def run_checks(work_dir: Path) -> list[dict[str, Any]]:
         before = [p.detach().clone() for p in policy.model.parameters()]
         advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
         old = {i: torch.as_tensor(v).tolist() for i, v in state["old"].items()}
-        micro = build_microbatch(range(4), prompts, responses, pad_token_id=0, old_logprobs=old, advantages=advantages)
+        correct = torch.tensor([True, False, True, False])
+        micro = build_microbatch(
+            range(4), prompts, responses, pad_token_id=0, old_logprobs=old, advantages=advantages, correct=correct
+        )
         num_tokens = sum(len(r) for r in responses)
         metrics = policy.train_minibatch(
-            [micro],
-            get_preset("dispo"),
-            num_global_tokens=num_tokens,
-            num_global_sequences=4,
-            correct=[torch.tensor([True, False, True, False])],
-        )
+            [micro], get_preset("dispo"), num_global_tokens=num_tokens, num_global_sequences=4
+        ).metrics
         moved = max(float((a.detach() - b).abs().max()) for a, b in zip(policy.model.parameters(), before, strict=True))
         if not moved > 0 or not all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values()):
             raise RuntimeError(f"update did not move the weights finitely (max change {moved}, metrics {metrics})")
