@@ -51,7 +51,8 @@ def test_gpu_contract_fp8_engine_is_built_from_an_fp8_block_checkpoint(
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(vllm, "LLM", _RecordingLLM)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # a plain process (an earlier test may have left a launcher's)
     config = RolloutConfig(dtype="bfloat16", quantization="fp8", device="cuda", max_model_len=256, max_new_tokens=8)
     engine = RolloutEngine(checkpoint, config)
     try:

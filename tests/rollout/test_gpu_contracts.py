@@ -93,6 +93,8 @@ def test_gpu_contract_engine_device_comes_from_local_rank(
 ) -> None:
     """A TP = 1 engine on local rank 3 runs vLLM's external_launcher in a 1-rank world with LOCAL_RANK=3 (vLLM's
     device index), not the uniproc executor (always cuda:0); the trainer's current device (5) is put back after."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # a plain process (an earlier test may have left a launcher's)
     monkeypatch.setenv("LOCAL_RANK", "3")
     llm = _start_recorded(tmp_path, monkeypatch, RolloutConfig(dtype="bfloat16"))
     backend = llm.kwargs.get("distributed_executor_backend")
