@@ -183,6 +183,38 @@ def _claim_line(row: Mapping) -> str:
     return f"| {row['claim']} | {what} | {seeds} | **{row['verdict']}** ({row['testable_seeds']} testable) |"
 
 
+def completeness(results: Path, study: Mapping) -> dict:
+    """Which of the study's arm x seed runs are kept, and how many steps each ran: a partial study says so."""
+    expected = [(arm, seed) for seed in study["seeds"] for arm in study["arms"]]
+    steps = {}
+    for arm, seed in expected:
+        metrics = results / arm / f"seed{seed}"
+        if (metrics / "metrics.jsonl").is_file():
+            steps[f"{arm}/seed{seed}"] = max(int(r["step"]) for r in read_metrics(metrics))
+    missing = [f"{arm}/seed{seed}" for arm, seed in expected if f"{arm}/seed{seed}" not in steps]
+    return {"expected_runs": len(expected), "kept_runs": steps, "missing_runs": missing, "seeds": study["seeds"]}
+
+
+def _completeness_lines(done: Mapping, seeds: Sequence[int]) -> list[str]:
+    kept, missing = done["kept_runs"], done["missing_runs"]
+    lengths = sorted(set(kept.values()))
+    if not missing:
+        return [f"Complete: all {done['expected_runs']} runs (arms x seeds) kept, {lengths} steps each.", ""]
+    return [
+        f"**PARTIAL**: {len(kept)} of {done['expected_runs']} runs (arms x seeds) kept, {lengths} steps; the verdicts "
+        "below are judged on these runs only. Missing: " + ", ".join(missing) + ".",
+        "",
+        "To complete it (each command skips the runs already complete in its `--runs` folder, resumes an interrupted "
+        "one from its last checkpoint, and rewrites this summary over every run kept here; a run shorter than "
+        "base.yaml's `trainer.max_steps` is continued to it; one seed is about 1 h on 2 cores):",
+        "",
+        "```",
+        *[f"python examples/regime_control/run_study.py --seeds {seed}" for seed in seeds],
+        "```",
+        "",
+    ]
+
+
 def write_summary(summary: Mapping, results: Path) -> None:
     """summary.json (everything, with the invocation history) and summary.md (claims, then the per-arm table)."""
     results.mkdir(parents=True, exist_ok=True)
@@ -202,6 +234,7 @@ def write_summary(summary: Mapping, results: Path) -> None:
         f"{len(summary['arms'])} arms, seeds {', '.join(seeds)}. Last-5 = mean of the last {LAST} steps; first3 = "
         "steps 1-3.",
         "",
+        *_completeness_lines(summary["completeness"], summary["completeness"]["seeds"]),
         "## Claims, per seed (paired: same seed = same warm-up model, data order and sampling seeds)",
         "",
         "| claim | judged on | per seed: number, verdict | overall |",
@@ -243,6 +276,7 @@ def write_report(results: Path, study: Mapping, invocation: Mapping | None = Non
     over every arm and seed kept under ``results``: what both the study command and this script write."""
     summary = summarize_runs(results, study)
     summary["claims"] = judge_claims(summary, study.get("claims", []))
+    summary["completeness"] = completeness(results, study)
     if invocation is not None:
         summary["study"] = dict(invocation)
     write_summary(summary, results)
