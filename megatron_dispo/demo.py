@@ -33,8 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=80, help="supervised warm-up steps")
 
 
-def build_warmup_model(run_dir: Path, seed: int, warmup_steps: int, source: DataSourceConfig, console: Console) -> Path:
-    """Random tiny Qwen3 -> supervised warm-up on the RL training distribution (held-out problems use another seed)."""
+def build_warmup_model(
+    run_dir: Path, seed: int, warmup_steps: int, source: DataSourceConfig, console: Console, *, template: str = "dapo"
+) -> Path:
+    """Random tiny Qwen3 -> supervised warm-up on the RL training distribution (held-out problems use another seed).
+
+    `template` is the prompt template the RL run uses (`data.template`): the warm-up must see the same prompts."""
     from megatron_dispo.models.tiny import make_tiny_checkpoint
     from megatron_dispo.trainer.data_setup import load_source
     from megatron_dispo.trainer.warmup import WarmupConfig, sft_warmup
@@ -52,6 +56,7 @@ def build_warmup_model(run_dir: Path, seed: int, warmup_steps: int, source: Data
             run_dir / "warmup_model",
             problems,
             WarmupConfig(steps=warmup_steps, seed=seed),
+            template=template,
             on_step=lambda step, loss: progress.update(task, completed=step, loss=loss),
         )
     return out
@@ -76,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
             *args.overrides,
         ],
     )
-    build_warmup_model(run_dir, args.seed, args.warmup_steps, config.data.train[0], console)
+    build_warmup_model(
+        run_dir, args.seed, args.warmup_steps, config.data.train[0], console, template=config.data.template
+    )
     trainer = Trainer(config, console=console)
     try:
         history = trainer.train()
