@@ -500,20 +500,8 @@ def make_plan(
         stages.append((weights + local * grad_bytes + optimizer + activations, local, weights, optimizer, activations))
     _, local, weights, optimizer, activations = max(stages)
 
-    total, _ = arch.count()
     engine_dtype = 2 if config.rollout.dtype == "bfloat16" else 4
-    fp8_engine = config.rollout.quantization == "fp8"
-    if config.refit.fp8 != fp8_engine:
-        raise PlanError(
-            f"refit.fp8={config.refit.fp8} but rollout.quantization={config.rollout.quantization!r}: FP8 refits fit "
-            "only an FP8 engine; set both (refit.fp8=true, rollout.quantization=fp8) or neither."
-        )
-    if fp8_engine:
-        linear = arch.linear_params()
-        scales = linear // (FP8_BLOCK_ELEMENTS) * 4  # Qwen3's projection dims are multiples of 128
-        engine_weights = (linear + scales + (total - linear) * engine_dtype) // lay.engine_tp
-    else:
-        engine_weights = total * engine_dtype // lay.engine_tp
+    engine_weights = _engine_weight_bytes(config, arch, engine_dtype) // lay.engine_tp
     kv_heads = math.ceil(arch.num_kv_heads / lay.engine_tp)  # vLLM replicates KV heads when engine TP > KV heads
     kv_per_token = 2 * arch.num_layers * kv_heads * arch.head_dim * engine_dtype
     gpu = int(gpu_memory_gib * GIB)
@@ -535,6 +523,23 @@ def make_plan(
     )
     _check_memory(config, lay, memory, gpu_memory_gib, longest)
     return Plan(arch=arch, layout=lay, memory=memory, recompute=recompute, tokens_per_microbatch=tokens)
+
+
+def _engine_weight_bytes(config: Config, arch: ModelArch, engine_dtype: int) -> int:
+    """The whole model's bytes in the engine: ``engine_dtype`` per weight, or for an FP8 engine 1 byte per linear
+    weight plus a float32 ``weight_scale_inv`` per 128 x 128 block."""
+    total, _ = arch.count()
+    fp8_engine = config.rollout.quantization == "fp8"
+    if config.refit.fp8 != fp8_engine:
+        raise PlanError(
+            f"refit.fp8={config.refit.fp8} but rollout.quantization={config.rollout.quantization!r}: FP8 refits fit "
+            "only an FP8 engine; set both (refit.fp8=true, rollout.quantization=fp8) or neither."
+        )
+    if not fp8_engine:
+        return total * engine_dtype
+    linear = arch.linear_params()
+    scales = linear // FP8_BLOCK_ELEMENTS * 4  # Qwen3's projection dims are multiples of 128
+    return linear + scales + (total - linear) * engine_dtype
 
 
 def _gib(n: int) -> str:

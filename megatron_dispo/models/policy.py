@@ -378,6 +378,22 @@ class MegatronPolicy:
             routing=routing if old_logprobs == "capture" else None,
         )  # fmt: skip
         result = finalize_and_step([self.model], self.optimizer)
+        totals = self._global_loss_totals(packed, entropy_sums)
+        captured: dict[int, torch.Tensor] = {}
+        if old_logprobs == "capture":
+            for batch, values in zip(batches, self._logprobs_of_all_stages(batches, on_policy), strict=True):
+                captured.update(response_values(batch, values))
+        metrics = unpack_metrics(totals[:-1])
+        metrics["entropy"] = float(totals[-1]) / max(num_global_tokens, 1)
+        metrics["grad_norm"] = result.grad_norm
+        metrics["update_skipped"] = float(not result.updated)
+        return MinibatchResult(metrics, captured)
+
+    def _global_loss_totals(
+        self, packed: Sequence[list[float] | None], entropy_sums: Sequence[torch.Tensor | None]
+    ) -> torch.Tensor:
+        """The loss metrics' and entropy's sums over this mini-batch on every rank (from the last pipeline stage,
+        which alone computed them, then over data-parallel ranks), on the CPU."""
         totals = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
         if all(p is not None for p in packed):
             totals = torch.cat(
@@ -389,16 +405,7 @@ class MegatronPolicy:
         totals = self._from_last_stage(totals)
         if self.dp_size > 1:
             torch.distributed.all_reduce(totals, group=self.dp_group)
-        totals = totals.cpu()
-        captured: dict[int, torch.Tensor] = {}
-        if old_logprobs == "capture":
-            for batch, values in zip(batches, self._logprobs_of_all_stages(batches, on_policy), strict=True):
-                captured.update(response_values(batch, values))
-        metrics = unpack_metrics(totals[:-1])
-        metrics["entropy"] = float(totals[-1]) / max(num_global_tokens, 1)
-        metrics["grad_norm"] = result.grad_norm
-        metrics["update_skipped"] = float(not result.updated)
-        return MinibatchResult(metrics, captured)
+        return totals.cpu()
 
     # ------------------------------------------------------------------ weights
     def export_weights(self, destination: Literal["all", "rank0"] = "rank0") -> Iterator[tuple[str, torch.Tensor]]:

@@ -5,6 +5,7 @@ Layout under ``<run_dir>/checkpoints``::
     step_000010/            a complete checkpoint (only complete ones ever carry this name)
         trainer_state.json  step, data position, dynamic-sampling cache, anything JSON-able
         rng_state.pt        python / numpy / torch RNG states of this rank
+        <files>             rank 0's tensors too large for JSON, named in trainer_state.json (batches in flight)
         model/ ...          written by the caller (Megatron dist checkpoint of model + optimizer)
         COMPLETE            marker written last, inside the temp dir, before the rename
     latest                  text file with the newest complete step (a hint; the scan is the authority)
@@ -21,7 +22,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,11 @@ class CheckpointManager:
         step: int,
         trainer_state: dict[str, Any],
         write_model: Callable[[Path], None] | None = None,
+        files: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Write a checkpoint for ``step`` atomically; ``write_model(dir)`` writes model/optimizer into ``dir``."""
+        """Write a checkpoint for ``step`` atomically; ``write_model(dir)`` writes model/optimizer into ``dir``;
+        ``files`` (rank 0's: name -> tensors) are ``torch.save``-d beside the trainer state (data too large for
+        JSON, e.g. a dedicated run's batches in flight), and read back by :func:`load_files`."""
         final = self.root / self.step_dir_name(step)
         # One temp name that every rank can derive on its own: from the step.
         tmp = self.root / f".tmp_{self.step_dir_name(step)}"
@@ -119,6 +123,8 @@ class CheckpointManager:
             write_model(tmp / "model")
         self._barrier()
         if self.rank == 0:
+            for name, content in (files or {}).items():
+                torch.save(content, tmp / name)
             state_file = tmp / "trainer_state.json"
             state_file.write_text(json.dumps({"step": step, **trainer_state}, sort_keys=True), encoding="utf-8")
             _fsync_tree(tmp)
@@ -155,6 +161,11 @@ class CheckpointManager:
                 )
             restore_rng_state(torch.load(rng_file, weights_only=False))
         return LoadedCheckpoint(step=int(state["step"]), path=path, trainer_state=state)
+
+
+def load_files(path: Path, names: Sequence[str]) -> dict[str, Any]:
+    """The ``files`` a checkpoint was saved with (tensors only: ``weights_only`` loading)."""
+    return {name: torch.load(path / name, weights_only=True) for name in names}
 
 
 def _fsync_file(path: Path) -> None:

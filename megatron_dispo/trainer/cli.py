@@ -60,8 +60,10 @@ def _train(config: Config, dedicated: tuple | None) -> int:
     trainer = Trainer(config, dedicated=dedicated)
     try:
         trainer.train()
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(failed=True)  # no goodbye to the rollout ranks: they may be mid-send, and would wait for it
+        raise
+    trainer.close()
     return 0
 
 

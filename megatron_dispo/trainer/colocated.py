@@ -101,7 +101,7 @@ class ColocatedRollout:
             return None
         return {"next_step": step + 1, "policy_version": step, "collector": self.collector.state_dict()}
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         self.engine.shutdown()
 
     # ------------------------------------------------------------------ internals

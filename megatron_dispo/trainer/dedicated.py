@@ -10,6 +10,11 @@ The trainer sends version j after receiving batch min(j+k, N), and only versions
 j+1+k, or for a held-out evaluation). Each loaded version is reported back (its refit / probe metrics and the
 evaluation, if one was asked for) with the next batch, or at once after the last batch (``trainer/messages.py``).
 The rollout ranks' own program is ``trainer/rollout_ranks.py``.
+
+Resume is exact at any k: a checkpoint at step s holds the batches s+1..s+k the trainer has already received (they
+were made by versions s-k..s-1, which no checkpoint keeps), and the data order after batch s+k. The resumed trainer
+trains on those first while the rollout ranks, refitted with version s, generate batch s+k+1 on, as the
+uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -40,12 +45,14 @@ from megatron_dispo.trainer.messages import (
     WeightsHeader,
 )
 from megatron_dispo.trainer.phases import PhaseTimer
-from megatron_dispo.trainer.step_batch import StepBatch, broadcast_step_batch, recv_step_batch
+from megatron_dispo.trainer.step_batch import StepBatch, broadcast_step_batch, from_table, recv_step_batch, to_table
 
 TRAINER = 0
 """Bridge rank of training rank 0."""
 DRIVER = 1
 """Bridge rank of the first rollout rank (it drives the replicas and talks to the trainer)."""
+IN_FLIGHT_FILE = "in_flight_batches.pt"
+"""Checkpoint file of the batches generated ahead of the checkpoint's step (their columns, in step order)."""
 
 
 def generation_version(step: int, max_staleness: int) -> int:
@@ -81,11 +88,18 @@ class DedicatedRollout:
 
     # ------------------------------------------------------------------ the interface
     def begin(self, start_step: int, state: dict[str, Any] | None) -> None:
-        """Tell the rollout ranks where to begin: the first step, the version they hold, the data order to restore."""
-        self.start_step = self._next_to_receive = start_step
+        """Tell the rollout ranks where to begin: the first step to generate (after the batches the checkpoint
+        holds in flight, which are trained first, as generated), the version they hold, the data order to restore."""
+        self.start_step = start_step
+        in_flight = state.get("in_flight", []) if state else []
+        if self.bridge is not None and in_flight:
+            tables = state["files"][IN_FLIGHT_FILE]  # type: ignore[index]
+            for entry, table in zip(in_flight, tables, strict=True):
+                self._received.append((from_table(table), dict(entry["metrics"])))
+        self._next_to_receive = start_step + len(in_flight)
         if self.bridge is not None:
             collector_state = state.get("collector") if state else None
-            self.bridge.broadcast_object(Start(start_step, start_step - 1, collector_state), TRAINER)
+            self.bridge.broadcast_object(Start(self._next_to_receive, start_step - 1, collector_state), TRAINER)
 
     def initial_evaluation(self) -> dict[str, float] | None:
         return None  # the rollout ranks evaluate version 0 before the first batch and report it
@@ -126,17 +140,29 @@ class DedicatedRollout:
         return self._needed(version, eval_due(self.config, version))
 
     def checkpoint_state(self, step: int) -> dict[str, Any] | None:
-        """Data order as it stood after batch ``step`` was generated, so a resume regenerates the batches after it."""
+        """What resumes the run exactly after ``step``: the batches already generated for the steps after it (with
+        ``max_staleness=k``, batches step+1..step+k, made by versions older than the checkpoint's, which no
+        checkpoint keeps), as a file; and the data order after the last of them, so generation continues there."""
         if self.bridge is None:
             return None
-        return {"next_step": step + 1, "policy_version": step, "collector": self._collector_states.get(step)}
+        last_generated = step + len(self._received)
+        return {
+            "next_step": step + 1,
+            "policy_version": step,
+            "collector": self._collector_states.get(last_generated),
+            "in_flight": [{"step": step + 1 + i, "metrics": metrics} for i, (_, metrics) in enumerate(self._received)],
+            "files": {IN_FLIGHT_FILE: [_own_storage(to_table(batch)) for batch, _ in self._received]},
+        }
 
-    def close(self) -> None:
-        """Tell the rollout ranks to stop (best effort: if they are gone, there is nobody to tell)."""
+    def close(self, *, failed: bool = False) -> None:
+        """Tell the rollout ranks to stop (best effort: if they are gone, there is nobody to tell). After a failure
+        the bridge just closes: the driver may be sending a batch, and a Stop would wait for it until the timeout;
+        closing makes its send fail at once instead."""
         if self.bridge is None:
             return
-        with contextlib.suppress(BridgeError):
-            self.bridge.broadcast_object(Stop(), TRAINER)
+        if not failed:
+            with contextlib.suppress(BridgeError):
+                self.bridge.broadcast_object(Stop(), TRAINER)
         self.bridge.close()
         if self.weights is not self.bridge and self.weights is not None:
             self.weights.close()
@@ -189,3 +215,9 @@ class DedicatedRollout:
         transport.transfer(iter_buckets(stream, self.config.refit.bucket_bytes, group_of=fused_group_key))
         if reply_now and version >= self.start_step:
             self._absorb(self._receive(VersionReports).reports)
+
+
+def _own_storage(table: dict[str, Any]) -> dict[str, Any]:
+    """Columns copied out of the received buffer they view (``torch.save`` refuses views of one storage as several
+    dtypes)."""
+    return {name: None if column is None else column.clone() for name, column in table.items()}

@@ -28,7 +28,7 @@ from megatron_dispo.comm.channel import GroupChannel
 from megatron_dispo.comm.groups import host_world_group
 from megatron_dispo.config import Config
 from megatron_dispo.config_loader import to_dict
-from megatron_dispo.trainer.checkpoint_manager import CheckpointManager
+from megatron_dispo.trainer.checkpoint_manager import CheckpointManager, load_files
 from megatron_dispo.trainer.dedicated import eval_due
 from megatron_dispo.trainer.learner import Learner
 from megatron_dispo.trainer.metrics import MetricsLogger
@@ -209,8 +209,10 @@ class Trainer:
         from megatron_dispo.models.convert_cli import HF_SUBDIR
 
         state = self.source.checkpoint_state(step)
+        files = state.pop("files", {}) if state is not None else {}  # rank 0's, written beside the state
         if state is not None:
             state["learner"] = self.learner.state_dict()
+            state["file_names"] = sorted(files)
         state = self.host.broadcast_object(state, LEAD_RANK)
 
         def write_model(path: Path) -> None:
@@ -221,7 +223,7 @@ class Trainer:
                 self.policy.hf_config.save_pretrained(str(path / HF_SUBDIR))
                 self.tokenizer.save_pretrained(str(path / HF_SUBDIR))
 
-        self.checkpoints.save(step, state, write_model)
+        self.checkpoints.save(step, state, write_model, files=files)
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         """The model and optimizer of the latest complete checkpoint, and its run state (None: start fresh)."""
@@ -235,7 +237,9 @@ class Trainer:
         if model_dir is None:
             raise FileNotFoundError(f"{loaded.path} is marked complete but holds no model checkpoint under model/.")
         load_checkpoint(model_dir, self.policy.model, self.policy.optimizer, parallel=self.config.model.parallel)
-        return loaded.trainer_state
+        state = dict(loaded.trainer_state)
+        state["files"] = load_files(loaded.path, state.get("file_names", [])) if self.is_lead else {}
+        return state
 
     # ------------------------------------------------------------------ output
     def write_plots(self) -> list[Path]:
@@ -256,10 +260,10 @@ class Trainer:
         with progress:
             yield lambda: progress.advance(task)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         from megatron_dispo.models.parallel import destroy_parallel
 
         if self.logger is not None:
             self.logger.close()
-        self.source.close()
+        self.source.close(failed=failed)
         destroy_parallel()

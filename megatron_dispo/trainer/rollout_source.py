@@ -48,7 +48,10 @@ class RolloutSource(Protocol):
         """Whether metrics of ``version`` are still to come through :meth:`reports`."""
 
     def checkpoint_state(self, step: int) -> dict[str, Any] | None:
-        """What a checkpoint at ``step`` must hold to resume generating after it (on training rank 0)."""
+        """What a checkpoint at ``step`` must hold to resume generating after it (on training rank 0): JSON-able
+        state, plus under ``files`` any tensors (name -> content) to be saved beside it; :meth:`begin` gets both
+        back (``state["files"]``)."""
 
-    def close(self) -> None:
-        """Stop the engines (and the rollout ranks)."""
+    def close(self, *, failed: bool = False) -> None:
+        """Stop the engines (and the rollout ranks); ``failed``: the loop raised, skip any handshake that could wait
+        on the other side."""

@@ -51,10 +51,10 @@ def _run_study(runs: Path, results: Path) -> None:
 
 
 def test_every_arm_is_a_valid_run_config(tmp_path: Path) -> None:
-    """All 9 arms (preset + controller overrides on base.yaml) pass the config validation, and each controller arm
+    """All 11 arms (preset + controller overrides on base.yaml) pass the config validation, and each controller arm
     starts from the bad bounds of the arm it is compared with."""
     study = yaml.safe_load((STUDY / "study.yaml").read_text())
-    assert len(study["arms"]) == 9 and len(study["seeds"]) >= 3
+    assert len(study["arms"]) == 11 and len(study["seeds"]) >= 3
     configs = {
         arm: load_run_config(
             STUDY / "base.yaml", [f"algorithm.preset={spec['preset']}", *spec.get("overrides", [])]
@@ -68,7 +68,11 @@ def test_every_arm_is_a_valid_run_config(tmp_path: Path) -> None:
     assert configs["ctrl_from_no_regime4"].regime_control.moved_bounds() == ("eps_low_neg",)
     assert configs[BAND].loss == configs["overexplore"].loss and configs[BAND].loss.eps_high_pos == 100.0
     assert configs[BAND].regime_control.moved_bounds() == ("eps_high_pos", "eps_low_pos")
-    assert not any(configs[arm].regime_control.active for arm in ("dispo", "dapo", "cispo", "overexplore"))
+    assert configs["ctrl_underexplore"].loss == configs["underexplore"].loss
+    assert configs["underexplore"].loss.eps_high_pos == 0.0 and configs["underexplore"].loss.eps_low_pos == 1.0
+    assert configs["ctrl_underexplore"].regime_control.moved_bounds() == ("eps_high_pos", "eps_low_pos")
+    open_arms = ("dispo", "dapo", "cispo", "overexplore", "underexplore")
+    assert not any(configs[arm].regime_control.active for arm in open_arms)
 
 
 @pytest.mark.timeout(600)
