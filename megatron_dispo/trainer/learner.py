@@ -114,8 +114,9 @@ class Learner:
         metrics.update(mismatch_metrics(pi_old, batch.rollout_logprobs_per_sequence(), self.host_dp))
         metrics.update(routing.metrics())
         if self.controller is not None:  # the bounds this step trained with, and the next step's
-            self.controller.observe(self._control_signals(batch, metrics))
-            metrics.update(self.controller.metrics())
+            with timer.phase("control"):  # its cost, against perf/time/step_s
+                self.controller.observe(self._control_signals(batch, metrics))
+                metrics.update(self.controller.metrics())
         return metrics
 
     def _control_signals(self, batch: StepBatch, metrics: dict[str, float]) -> StepSignals:

@@ -1,7 +1,7 @@
 """The regime-control study's one command (examples/regime_control), reduced to what each part proves: every arm's
-config validates; and the command really warms up a chain-of-thought model, trains two controller arms (1 seed,
-3 steps, tiny sizes) whose bounds move where the entropy band and the Regime 3 guard say, writes metrics, per-seed
-claim verdicts, summary and figures, and on a second invocation trains nothing again.
+config validates; and the command really warms up a chain-of-thought model, trains a controller arm (1 seed,
+3 steps, tiny sizes) with both the entropy band and the Regime 3 guard on, whose bounds move where each says, writes
+metrics, per-seed claim verdicts, summary and figures, and on a second invocation trains nothing again.
 
 Dynamic sampling is off in the reduced runs: a 2-step warm-up answers (almost) nothing right, so every group would
 be dropped and nothing learned; with it off every step learns (zero advantages) and the controller observes the
@@ -29,14 +29,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
 STUDY = REPO_ROOT / "examples" / "regime_control"
 BAND, GUARD = "ctrl_overexplore", "ctrl_from_no_regime3"
 SMOKE = [
-    "--seeds", "0", "--arms", BAND, GUARD, "--steps", "3", "--warmup-steps", "2",
+    "--seeds", "0", "--arms", BAND, "--steps", "3", "--warmup-steps", "2",
     "trainer.prompts_per_step=4", "trainer.num_minibatches=2", "algorithm.group_size=4", "rollout.max_new_tokens=64",
     "algorithm.dynamic_sampling.enabled=false", "trainer.checkpoint_every=0", "eval.n=1", "eval.every_steps=3",
     "data.heldout={kind: synthetic_chain, difficulty: 1, num_problems: 4, seed: 2}",
     # the band: absolute and below any entropy, so it lowers entropy (direction +1) from step 1 on
     "algorithm.regime_control.band_reference=absolute", "algorithm.regime_control.band_low=0.001",
     "algorithm.regime_control.band_high=0.002", "algorithm.regime_control.patience=1",
-    # the Regime 3 guard: fires on any repeated bigram, from step 1 on
+    # the Regime 3 guard (on in this arm too): fires on any repeated bigram, from step 1 on
+    "algorithm.regime_control.regime3_guard.enabled=true",
+    # the arm's own start (Regime 1 unclipped, Regime 2 off) plus Regime 3 off, so the guard has a bound to widen
+    "algorithm.loss_overrides={eps_high_pos: 100.0, eps_low_pos: 0.0, eps_high_neg: 0.0}",
     "algorithm.regime_control.regime3_guard.signal=repeated_ngram_rate",
     "algorithm.regime_control.regime3_guard.ngram_size=2", "algorithm.regime_control.regime3_guard.threshold=0.0",
     "algorithm.regime_control.regime3_guard.release_threshold=0.0", "algorithm.regime_control.regime3_guard.patience=1",
@@ -82,41 +85,37 @@ def test_reduced_study_moves_the_bounds_and_continues_without_rerunning(tmp_path
     assert (runs / "warmup" / "seed0" / "warmup_model" / "config.json").is_file()  # built once, with the RL template
 
     band = {int(r["step"]): r for r in read_metrics(results / BAND / "seed0")}
-    guard = {int(r["step"]): r for r in read_metrics(results / GUARD / "seed0")}
-    for records in (band, guard):
-        assert sorted(records) == [0, 1, 2, 3]
-        assert "eval/heldout/accuracy" in records[0] and "eval/heldout/accuracy" in records[3]
+    assert sorted(band) == [0, 1, 2, 3]
+    assert "eval/heldout/accuracy" in band[0] and "eval/heldout/accuracy" in band[3]
     assert all(band[s]["control/entropy"] == pytest.approx(band[s]["train/entropy"]) for s in (1, 2, 3))
     # the band: entropy above it at every step -> narrow eps_high_pos (/1.5), widen eps_low_pos (x1.25, from 0 to 0.05)
     assert [band[s]["control/entropy_direction"] for s in (1, 2, 3)] == [1.0, 1.0, 1.0]
     assert [band[s]["control/eps_high_pos"] for s in (1, 2, 3)] == pytest.approx([100.0, 100 / 1.5, 100 / 2.25])
     assert [band[s]["control/eps_low_pos"] for s in (1, 2, 3)] == pytest.approx([0.0, 0.05, 0.0625])
-    assert [band[s]["control/eps_high_neg"] for s in (1, 2, 3)] == [100.0] * 3  # the guards are off in this arm
     # the Regime 3 guard: repeated bigrams at every step -> eps_high_neg 0 -> 1 (widen_from) -> 4 (x4)
-    assert all(guard[s]["control/repetition"] > 0.0 for s in (1, 2, 3))
-    assert [guard[s]["control/regime3_guard"] for s in (1, 2, 3)] == [1.0, 1.0, 1.0]
-    assert [guard[s]["control/eps_high_neg"] for s in (1, 2, 3)] == [0.0, 1.0, 4.0]
-    assert [guard[s]["control/eps_high_pos"] for s in (1, 2, 3)] == [10.0] * 3  # the band is off in this arm
+    assert all(band[s]["control/repetition"] > 0.0 for s in (1, 2, 3))
+    assert [band[s]["control/regime3_guard"] for s in (1, 2, 3)] == [1.0, 1.0, 1.0]
+    assert [band[s]["control/eps_high_neg"] for s in (1, 2, 3)] == [0.0, 1.0, 4.0]
+    assert [band[s]["control/eps_low_neg"] for s in (1, 2, 3)] == [1.0] * 3  # the Regime 4 guard is off
 
     summary = json.loads((results / "summary.json").read_text())
-    assert sorted(summary["arms"]) == sorted([BAND, GUARD])
-    assert summary["arms"][GUARD]["eps_high_neg_last"]["per_seed"]["0"] == 4.0
-    assert summary["arms"][GUARD]["regime3_guard_steps"]["per_seed"]["0"] == 3.0
+    assert sorted(summary["arms"]) == [BAND]
+    assert summary["arms"][BAND]["regime3_guard_steps"]["per_seed"]["0"] == 3.0
     claims = {row["id"]: row for row in summary["claims"]}
-    assert list(claims) == ["band_kept"]  # the only claim both arms' runs can judge
+    assert list(claims) == ["band_kept"]  # the only claim this arm's run can judge
     assert claims["band_kept"]["per_seed"]["0"]["verdict"] == "n/a"  # 3 steps: all calibration, none judged
     assert claims["band_kept"]["verdict"] == "inconclusive"
     table = (results / "summary.md").read_text()
-    assert f"| {BAND} |" in table and f"| {GUARD} |" in table and "The controller keeps entropy in its band" in table
-    for figure in ("bounds_entropy_band", "bounds_regime3", "fig_entropy_band", "fig_regime3_guard"):
+    assert f"| {BAND} |" in table and "The controller keeps entropy in its band" in table
+    for figure in ("bounds_entropy_band", "fig_entropy_band"):
         png = results / "plots" / figure / "summary.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
-    assert sorted(summary["history"][-1]["trained"]) == sorted([f"{BAND}/seed0", f"{GUARD}/seed0"])
+    assert summary["history"][-1]["trained"] == [f"{BAND}/seed0"]
 
     # continuing the study: complete runs are kept, not trained again
-    logs = {arm: (runs / arm / "seed0" / "train.log").stat().st_mtime_ns for arm in (BAND, GUARD)}
+    log = (runs / BAND / "seed0" / "train.log").stat().st_mtime_ns
     _run_study(runs, results)
-    assert {arm: (runs / arm / "seed0" / "train.log").stat().st_mtime_ns for arm in (BAND, GUARD)} == logs
+    assert (runs / BAND / "seed0" / "train.log").stat().st_mtime_ns == log
     history = json.loads((results / "summary.json").read_text())["history"]
     assert len(history) == 2 and history[-1]["trained"] == []
 
