@@ -239,6 +239,12 @@ class Config:
                 f"trainer.max_staleness={self.trainer.max_staleness} needs rollout.placement=dedicated (a colocated "
                 "engine cannot generate while its rank trains)."
             )
+        if self.rollout.partial and (self.rollout.placement != "dedicated" or self.trainer.max_staleness < 1):
+            raise ValueError(
+                f"rollout.partial=true (placement={self.rollout.placement!r}, trainer.max_staleness="
+                f"{self.trainer.max_staleness}) continues responses across batches, so a batch holds tokens one "
+                "version older than the newest: set rollout.placement=dedicated and trainer.max_staleness >= 1."
+            )
         if not self.model.hf_path:
             raise ValueError("model.hf_path is empty; set it to an HF checkpoint folder (config.json + safetensors).")
         needed = self.data.max_prompt_tokens + self.rollout.max_new_tokens

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from megatron_dispo.trainer.metrics import read_metrics  # noqa: E402
 
-TIMING = ("perf/", "seconds", "_s/", "tokens_per_s", "replica_imbalance", "wait_for", "/time/")
+TIMING = ("perf/", "seconds", "time_s", "_s/", "gb_per_s", "tokens_per_s", "replica_imbalance", "wait_for", "/time/")
 """Substrings of metric names that measure wall-clock time (they differ between any two runs)."""
 
 
@@ -72,9 +72,10 @@ def main() -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="resume_check_"))
     full, resumed = work / "uninterrupted", work / "resumed"
     every = f"trainer.checkpoint_every={args.resume_after}"
-    train(args.config, args.overrides, full, args.steps, args.nproc, every)
+    keep = f"trainer.keep_last={args.steps}"  # the checkpoint to resume from must survive the later ones
+    train(args.config, args.overrides, full, args.steps, args.nproc, every, keep)
     copy_until(full, resumed, args.resume_after)
-    train(args.config, args.overrides, resumed, args.steps, args.nproc, every, "trainer.resume=true")
+    train(args.config, args.overrides, resumed, args.steps, args.nproc, every, keep, "trainer.resume=true")
 
     want = {int(r["step"]): r for r in read_metrics(full)}
     got = {int(r["step"]): r for r in read_metrics(resumed)}

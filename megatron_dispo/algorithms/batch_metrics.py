@@ -72,21 +72,32 @@ def combine_minibatch_metrics(dicts: Sequence[Mapping[str, float]], token_counts
 
 
 def staleness_metrics(
-    trainer_version: int, policy_version: torch.Tensor, train_metrics: Mapping[str, float]
+    trainer_version: int,
+    policy_version: torch.Tensor,
+    train_metrics: Mapping[str, float],
+    *,
+    token_version: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """``rollout/staleness/{mean,max}`` and the per-regime IS statistics under ``train/staleness{d}/``.
+    """``rollout/staleness/{mean,max}``, ``rollout/token_version_lag/{mean,max}`` and, when every sample of the batch
+    has one staleness, the per-regime IS statistics under ``train/staleness{d}/``.
 
-    Staleness = versions between the sample's generating policy and the one it is trained from. The fixed schedule
-    gives every sample of a batch the same staleness, so the staleness-d subset is the whole batch and its per-regime
-    statistics are the step's own ``train/regime*`` values.
+    Staleness = versions between a sample's oldest token's policy (``policy_version``, per sample) and the one it is
+    trained from; the token-version lag is the same per token (``token_version``; without it every token of a sample
+    has its sample's version). Without partial rollouts the schedule gives a batch one staleness, so the staleness-d
+    subset is the whole batch and its per-regime statistics are the step's own ``train/regime*`` values; a partial
+    batch mixes staleness and reports the lags only.
     """
     staleness = trainer_version - policy_version
+    lag = staleness if token_version is None else trainer_version - token_version
+    out = {
+        "rollout/staleness/mean": float(staleness.float().mean()),
+        "rollout/staleness/max": float(staleness.max()),
+        "rollout/token_version_lag/mean": float(lag.float().mean()) if lag.numel() else 0.0,
+        "rollout/token_version_lag/max": float(lag.max()) if lag.numel() else 0.0,
+    }
     distinct = sorted(set(staleness.tolist()))
-    if len(distinct) > 1:
-        raise ValueError(f"batch mixes staleness {distinct}: the generation schedule gives one version per batch.")
-    out = {"rollout/staleness/mean": float(staleness.float().mean()), "rollout/staleness/max": float(staleness.max())}
-    for d in distinct:
+    if len(distinct) == 1 and (token_version is None or set(lag.tolist()) <= set(distinct)):
         for key, value in train_metrics.items():
             if key.startswith("train/regime"):
-                out[f"train/staleness{d}/{key.removeprefix('train/')}"] = value
+                out[f"train/staleness{distinct[0]}/{key.removeprefix('train/')}"] = value
     return out

@@ -75,6 +75,14 @@ class RolloutConfig:
     """Rollout-only ranks with ``placement=dedicated`` (ignored when colocated): they form ``num_ranks /
     tensor_parallel_size`` engine replicas, driven by the first rollout rank."""
 
+    partial: bool = False
+    """Partial rollouts (``placement=dedicated``, issue 26): the rollout ranks generate in chunks of
+    ``partial_chunk_tokens``; a batch is cut as soon as it holds its groups, and the responses still running continue
+    into the next batch under the newer weights instead of holding the engine until the longest one ends. Every token
+    records the policy version that sampled it; ``trainer.max_staleness`` bounds the oldest token of a trained batch."""
+    partial_chunk_tokens: int = 0
+    """Tokens a running response advances per chunk (0: ``max_new_tokens / 4``); must divide ``max_new_tokens``."""
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 10.0:
             raise ValueError(f"temperature={self.temperature} must be in [0, 10]; use 0 for greedy, 1.0 for RL.")
@@ -127,8 +135,23 @@ class RolloutConfig:
                 f"num_ranks={self.num_ranks} rollout ranks do not split into engine replicas of tensor_parallel_size="
                 f"{self.tensor_parallel_size}; make num_ranks a multiple of it."
             )
+        if self.partial and (self.partial_chunk_tokens < 0 or self.max_new_tokens % (self.partial_chunk_tokens or 4)):
+            raise ValueError(
+                f"partial_chunk_tokens={self.partial_chunk_tokens} must divide max_new_tokens={self.max_new_tokens} "
+                "(0 means max_new_tokens / 4, which needs max_new_tokens divisible by 4)."
+            )
+        if self.partial and self.capture_routed_experts:
+            raise ValueError(
+                "partial=True continues responses under newer weights, which re-routes their earlier tokens; MoE "
+                "routing replay (capture_routed_experts=True) needs one routing per token; set one of them False."
+            )
         if not isinstance(self.repetition, RepetitionConfig):
             raise TypeError(f"repetition must be a RepetitionConfig, got {type(self.repetition).__name__}.")
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per chunk of a partial rollout."""
+        return self.partial_chunk_tokens or self.max_new_tokens // 4
 
     def eager(self, device: str) -> bool:
         """``enforce_eager`` for an engine on ``device`` ('cpu' or 'cuda'): the field, or its per-device default."""

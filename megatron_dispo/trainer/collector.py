@@ -66,7 +66,7 @@ class RolloutCollector:
         )
         return ids if len(ids) <= data.max_prompt_tokens else None
 
-    def _next_prompts(self, count: int) -> list[tuple[Problem, list[int]]]:
+    def next_prompts(self, count: int) -> list[tuple[Problem, list[int]]]:
         """The next ``count`` problems of the mixture that fit, each tokenised once."""
         out: list[tuple[Problem, list[int]]] = []
         while len(out) < count:
@@ -99,7 +99,7 @@ class RolloutCollector:
         batch = self.engine.generate(prompt_ids, self.group_size, seed=seed)
         golds = [prompts[g][0].answer for g in batch.group_index]
         started = time.perf_counter()
-        results = self._verify(batch.texts, golds)
+        results = self.verify(batch.texts, golds)
         costs.reward_seconds += time.perf_counter() - started
         costs.engine_stats.append(batch.stats)
         costs.outcomes += OutcomeCounts.from_results(results)
@@ -124,7 +124,7 @@ class RolloutCollector:
             )
         return groups
 
-    def _verify(self, texts: list[str], golds: list[str]) -> list[Any]:
+    def verify(self, texts: list[str], golds: list[str]) -> list[Any]:
         reward = self.config.reward
         return verify_batch(
             texts, golds, answer_format=self.config.data.answer_format, timeout_s=reward.verify_timeout_s
@@ -141,13 +141,13 @@ class RolloutCollector:
             return self._sample_round(problems, cfg.trainer.seed * 1_000_003 + step * 1_009 + next(rounds), costs)
 
         groups, stats = self.sampler.collect(
-            cfg.trainer.prompts_per_step, self._next_prompts, sample, granularity=granularity
+            cfg.trainer.prompts_per_step, self.next_prompts, sample, granularity=granularity
         )
         metrics = stats.metrics()
         tokens = sum(s.get("rollout/tokens", 0.0) for s in costs.engine_stats)
         seconds = sum(s.get("rollout/seconds", 0.0) for s in costs.engine_stats)
         metrics["perf/rollout/tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
-        metrics.update(_replica_metrics(costs.engine_stats))
+        metrics.update(replica_metrics(costs.engine_stats))
         metrics["perf/time/reward_s"] = costs.reward_seconds
         metrics["rollout/skipped_long_prompts"] = float(self.skipped_long_prompts)
         metrics.update(outcome_fractions(costs.outcomes))
@@ -160,6 +160,7 @@ class RolloutCollector:
         if screen.warning is not None:
             logger.warning("step %d: %s", step, screen.warning)
         size = self.group_size
+        partial = bool(groups) and all(g.token_versions is not None for g in groups)
         return StepBatch.from_sequences(
             prompts=[g.prompt_ids for g in groups for _ in range(size)],
             responses=[r for g in groups for r in g.response_ids],
@@ -168,6 +169,8 @@ class RolloutCollector:
             finish_reasons=[f for g in groups for f in g.finish_reasons],
             valid=screen.valid,
             routed_experts=_routed_experts(groups),
+            token_versions=[v for g in groups for v in g.token_versions or ()] if partial else None,
+            start_versions=[v for g in groups for v in g.start_versions or ()] if partial else None,
         )
 
     # ------------------------------------------------------------------ held-out evaluation
@@ -184,7 +187,7 @@ class RolloutCollector:
             [ids for _, ids in kept], cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, seed=self.config.trainer.seed
         )
         golds = [kept[g][0].answer for g in batch.group_index]
-        results = self._verify(batch.texts, golds)
+        results = self.verify(batch.texts, golds)
         return {
             "eval/heldout/accuracy": sum(r.correct for r in results) / max(len(results), 1),
             "eval/heldout/len_mean": sum(batch.response_lengths) / max(len(results), 1),
@@ -214,7 +217,7 @@ def _routed_experts(groups: Sequence[GroupRollout]) -> list[Any] | None:
     return [rows for group in groups for rows in group.routed_experts or ()]
 
 
-def _replica_metrics(engine_stats: Sequence[dict[str, float]]) -> dict[str, float]:
+def replica_metrics(engine_stats: Sequence[dict[str, float]]) -> dict[str, float]:
     """Per-replica tokens and seconds summed over the step's sampling rounds, and the step's load imbalance
     (slowest / mean replica seconds): ``rollout/replicas``, ``rollout/replica{i}/{tokens,seconds}``."""
     out: dict[str, float] = {}

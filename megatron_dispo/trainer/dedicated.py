@@ -60,6 +60,13 @@ def generation_version(step: int, max_staleness: int) -> int:
     return max(0, step - 1 - max_staleness)
 
 
+def batches_ahead(config: Config) -> int:
+    """How many batches the rollout ranks generate ahead of the one in training: ``max_staleness``, or one fewer with
+    partial rollouts (a response carried over a cut holds tokens one version older than its batch's newest, and
+    ``max_staleness`` bounds the oldest token; ``trainer/partial_rollout.py``)."""
+    return config.trainer.max_staleness - int(config.rollout.partial)
+
+
 def eval_due(config: Config, version: int) -> bool:
     """The held-out cadence: every ``eval.every_steps`` and the last step."""
     every = config.eval.every_steps
@@ -116,13 +123,12 @@ class DedicatedRollout:
 
     def batch_metrics(self, step: int, batch: StepBatch, learned: dict[str, float]) -> dict[str, float]:
         assert batch.policy_version is not None
-        return staleness_metrics(step - 1, batch.policy_version, learned)
+        return staleness_metrics(step - 1, batch.policy_version, learned, token_version=batch.token_version)
 
     def publish_weights(self, version: int, *, learned: bool, evaluate: bool, force: bool = False) -> dict[str, float]:
         """Send version ``version`` if a later batch or an evaluation needs it (always with ``force``), after the
         batches that come before it in the bridge's order."""
-        cfg = self.config.trainer
-        self._wait_s += self._receive_until(version + cfg.max_staleness)
+        self._wait_s += self._receive_until(version + batches_ahead(self.config))
         timer = PhaseTimer()
         if force or self._needed(version, evaluate):
             with timer.phase("refit"):
@@ -169,8 +175,7 @@ class DedicatedRollout:
 
     # ------------------------------------------------------------------ internals
     def _needed(self, version: int, evaluate: bool) -> bool:
-        cfg = self.config.trainer
-        return version + 1 + cfg.max_staleness <= cfg.max_steps or evaluate
+        return version + 1 + batches_ahead(self.config) <= self.config.trainer.max_steps or evaluate
 
     def _receive(self, kind: type) -> Any:
         assert self.bridge is not None
@@ -208,8 +213,7 @@ class DedicatedRollout:
             for _ in stream:
                 pass
             return
-        cfg = self.config.trainer
-        reply_now = version + 1 + cfg.max_staleness > cfg.max_steps  # no batch follows: the report comes at once
+        reply_now = not self._needed(version, False)  # no batch follows: the report comes at once
         self.bridge.broadcast_object(WeightsHeader(version, evaluate, probe_logprobs, reply_now), TRAINER)
         transport = NcclBroadcastTransport(meta=self.bridge, data=self.weights, src=TRAINER)
         transport.transfer(iter_buckets(stream, self.config.refit.bucket_bytes, group_of=fused_group_key))

@@ -41,6 +41,12 @@ class GroupRollout:
     texts: list[str] = field(default_factory=list)
     routed_experts: list[torch.Tensor] | None = None
     """MoE routing replay: per response, the engine's int16 ``[prompt + response - 1, layers, k]`` routing."""
+    token_versions: list[list[int]] | None = None
+    """Partial rollouts: per response, the policy version that sampled each token (None: one version per batch)."""
+    start_versions: list[int] | None = None
+    """Partial rollouts: per response, the version of its first chunk (its oldest token's)."""
+    carried: list[bool] | None = None
+    """Partial rollouts: per response, whether it was still running when an earlier batch was cut."""
 
     def to_state(self) -> dict[str, Any]:
         """JSON-able form (the routing as base64 int16 bytes with its shape)."""

@@ -22,7 +22,7 @@ from megatron_dispo.config import Config
 from megatron_dispo.refit import ProbeBatch
 from megatron_dispo.refit.transports import receive_broadcast_buckets
 from megatron_dispo.trainer.bridge import JobLayout, init_rollout_world, open_bridges
-from megatron_dispo.trainer.dedicated import TRAINER, generation_version
+from megatron_dispo.trainer.dedicated import TRAINER, batches_ahead, generation_version
 from megatron_dispo.trainer.messages import (
     BatchReady,
     Hello,
@@ -45,6 +45,7 @@ class RolloutRank:
         from megatron_dispo.refit import Refitter
         from megatron_dispo.rollout.replicas import ReplicatedEngine
         from megatron_dispo.trainer.collector import RolloutCollector
+        from megatron_dispo.trainer.partial_rollout import PartialRollouts
 
         self.config = config
         self.train_world = layout.train_world
@@ -59,6 +60,8 @@ class RolloutRank:
         shared: tuple[ProbeBatch, bool] | None = None
         if self.is_driver:
             self.collector = RolloutCollector(config, self.engine, AutoTokenizer.from_pretrained(config.model.hf_path))
+            if config.rollout.partial:
+                self.collector = PartialRollouts(self.collector, config, lambda: self.version)
             sequences, prompt_lens = self.collector.probe_sequences()
             shared = (ProbeBatch(tuple(sequences), tuple(prompt_lens)), bool(self.collector.heldout))
         probe, self.has_heldout = self.world.broadcast_object(shared, 0) if self.world else shared
@@ -85,9 +88,10 @@ class RolloutRank:
         elif self.has_heldout:  # as the colocated trainer: the initial weights are always evaluated
             self.reports[0] = self._evaluate()
         granularity = cfg.num_minibatches * self._dp_size()
+        collected = time.perf_counter()  # when the last batch was collected: idle = sending it + waiting + loading
         for step in range(start.start_step, cfg.max_steps + 1):
             waited = time.perf_counter()
-            while self.version < generation_version(step, cfg.max_staleness):
+            while self.version < generation_version(step, batches_ahead(self.config)):
                 header = self._control()
                 if not isinstance(header, WeightsHeader):
                     return 0
@@ -100,9 +104,12 @@ class RolloutRank:
                 continue
             metrics["perf/time/rollout_s"] = time.perf_counter() - started - metrics.get("perf/time/reward_s", 0.0)
             metrics["perf/time/wait_for_weights_s"] = waited
+            metrics["perf/time/rollout_idle_s"] = started - collected
+            collected = time.perf_counter()
             self.bridge.send_object(BatchReady(step, metrics, self.collector.state_dict(), self.reports), TRAINER)
-            versions = torch.full((batch.num_sequences,), self.version)  # every sequence: this version's sample
-            send_step_batch(dataclasses.replace(batch, policy_version=versions), TRAINER, self.bridge)
+            if batch.token_version is None:  # every sequence: this version's sample
+                batch = dataclasses.replace(batch, policy_version=torch.full((batch.num_sequences,), self.version))
+            send_step_batch(batch, TRAINER, self.bridge)
             self.reports = {}
         while True:  # versions the trainer sends after the last batch: evaluations, then stop
             header = self._control()

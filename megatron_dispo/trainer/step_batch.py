@@ -48,6 +48,9 @@ class StepBatch:
     """int8 [N]: index into :data:`FINISH_REASONS`."""
     policy_version: torch.Tensor | None = field(default=None, metadata=column("sequence"))
     """int64 [N]: updates the generating policy had completed (dedicated rollout ranks); None means all 0."""
+    token_version: torch.Tensor | None = field(default=None, metadata=column("response_token"))
+    """int64 [sum of response lengths]: the policy version that sampled each response token (partial rollouts: a
+    response continued across batches mixes versions); None means every token has its sequence's version."""
     routed_experts: torch.Tensor | None = field(default=None, metadata=column("token"))
     """int16 [sum of prompt + response lengths, moe_layers, top_k], row-aligned with :attr:`tokens`: the experts the
     engine routed each input token to (``NO_ROUTE`` = -1 where unrecorded, always for a sequence's last token, which
@@ -71,6 +74,8 @@ class StepBatch:
         finish_reasons: Sequence[str],
         valid: Sequence[bool] | None = None,
         routed_experts: Sequence[torch.Tensor] | None = None,
+        token_versions: Sequence[Sequence[int]] | None = None,
+        start_versions: Sequence[int] | None = None,
     ) -> StepBatch:
         """Pack per-sequence lists (what the engine returns) into the tensors of a batch; ``routed_experts[i]`` is
         ``RolloutBatch.routed_experts``' ``[prompt + response - 1, layers, k]`` of sequence i."""
@@ -90,6 +95,7 @@ class StepBatch:
             correct=torch.tensor(list(correct), dtype=torch.bool),
             valid=torch.tensor(list(valid) if valid is not None else [True] * count, dtype=torch.bool),
             finish_codes=torch.tensor([FINISH_REASONS.index(f) for f in finish_reasons], dtype=torch.int8),
+            **(_pack_versions(token_versions, start_versions, responses) if token_versions is not None else {}),
         )
 
     @property
@@ -216,3 +222,19 @@ def deliver_routing(
         rows = (batch.prompt_lens[indices] + batch.response_lens[indices]).tolist()
         local = dict(zip(indices, decode_routing(payload, rows, num_experts), strict=True))
     return dataclasses.replace(batch, routed_experts=None, local_routing=local)
+
+
+def _pack_versions(
+    token_versions: Sequence[Sequence[int]], start_versions: Sequence[int] | None, responses: Sequence[Sequence[int]]
+) -> dict[str, torch.Tensor]:
+    """The ``token_version`` column, and each sequence's ``policy_version``: the version its first chunk was sampled
+    by (its oldest token's; an empty response has no token to tell it)."""
+    if start_versions is None or len(start_versions) != len(responses):
+        raise ValueError("token_versions needs start_versions, one per sequence.")
+    for index, (versions, ids) in enumerate(zip(token_versions, responses, strict=True)):
+        if len(versions) != len(ids):
+            raise ValueError(f"sequence {index}: {len(ids)} response tokens but {len(versions)} token versions.")
+    return {
+        "token_version": torch.tensor([v for versions in token_versions for v in versions], dtype=torch.int64),
+        "policy_version": torch.tensor(list(start_versions), dtype=torch.int64),
+    }

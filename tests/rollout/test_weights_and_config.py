@@ -66,6 +66,18 @@ def test_rollout_config_rules() -> None:
     assert RolloutConfig(repetition=RepetitionConfig(enabled=False)).repetition.enabled is False
 
 
+def test_partial_rollout_rules() -> None:
+    assert RolloutConfig(partial=True, max_new_tokens=256).chunk_tokens == 64  # max_new_tokens / 4 by default
+    assert RolloutConfig(partial=True, max_new_tokens=16, partial_chunk_tokens=2).chunk_tokens == 2
+    with pytest.raises(ValueError, match="partial_chunk_tokens=5 must divide max_new_tokens=16"):
+        RolloutConfig(partial=True, max_new_tokens=16, partial_chunk_tokens=5)
+    with pytest.raises(ValueError, match="partial_chunk_tokens=0 must divide max_new_tokens=10"):
+        RolloutConfig(partial=True, max_new_tokens=10)
+    with pytest.raises(ValueError, match=r"routing replay \(capture_routed_experts=True\)"):
+        RolloutConfig(partial=True, capture_routed_experts=True)
+    assert RolloutConfig(max_new_tokens=10, partial_chunk_tokens=3).max_new_tokens == 10  # checked only when partial
+
+
 def test_rollout_batch_checks_its_fields() -> None:
     batch = RolloutBatch([[1]], [[2, 3], [4]], [[-0.1, -0.2], [-0.3]], ["stop", "length"], [0, 0], 2, ["a", "b"])
     assert batch.response_lengths == [2, 1] and batch.num_responses == 2

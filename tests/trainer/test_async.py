@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
 
 STEPS = 4
 COMPARED = ("rollout/", "train/", "eval/", "mismatch/", "control/", "refit/probe/max_abs", "refit/probe/mean_abs")
-ASYNC_ONLY = ("rollout/staleness/", "train/staleness")
+ASYNC_ONLY = ("rollout/staleness/", "rollout/token_version_lag/", "train/staleness")
 REPLICAS_ONLY = "rollout/replica"
 """Engine-replica counters (wall-clock seconds, replica count): they differ with the number of replicas."""
 K0_RANKS = DEDICATED_K0
@@ -34,8 +34,8 @@ def _by_step(run_dir) -> dict[int, dict]:
     return {int(r["step"]): r for r in read_metrics(run_dir)}
 
 
-def _run(model, run_dir, *args: str, nproc: int) -> dict[int, dict]:
-    common = (f"model.hf_path={model}", f"trainer.run_dir={run_dir}", f"trainer.max_steps={STEPS}", *FAST)
+def _run(model, run_dir, *args: str, nproc: int, steps: int = STEPS) -> dict[int, dict]:
+    common = (f"model.hf_path={model}", f"trainer.run_dir={run_dir}", f"trainer.max_steps={steps}", *FAST)
     run_train(*common, "refit.check_every=1", *args, nproc=nproc, timeout=420)
     return _by_step(run_dir)
 
@@ -120,13 +120,21 @@ def test_staleness_needs_dedicated_placement() -> None:
         load_run_config(TINY_CONFIG, ["trainer.max_staleness=1"])
 
 
-def _resume_from_step2(model: Path, run_dir: Path, into: Path, placement: tuple[str, ...], nproc: int) -> dict:
-    """Resume a copy of ``run_dir`` from its step-2 checkpoint (as if the run had stopped there) to STEPS."""
+@pytest.mark.parametrize("arm", ["", "rollout.placement=dedicated"])
+def test_partial_rollouts_need_dedicated_placement_and_staleness(arm) -> None:
+    with pytest.raises(ConfigError, match=r"rollout\.partial=true .* set rollout\.placement=dedicated and trainer"):
+        load_run_config(TINY_CONFIG, ["rollout.partial=true", *([arm] if arm else [])])
+
+
+def _resume_from_step2(
+    model: Path, run_dir: Path, into: Path, placement: tuple[str, ...], nproc: int, steps: int = STEPS
+) -> dict:
+    """Resume a copy of ``run_dir`` from its step-2 checkpoint (as if the run had stopped there) to ``steps``."""
     copy_run_until(run_dir, into, step=2)
     common = (f"model.hf_path={model}", f"trainer.run_dir={into}", *FAST, "refit.check_every=1", *placement)
-    run_train(*common, f"trainer.max_steps={STEPS}", "trainer.resume=true", nproc=nproc, timeout=420)
+    run_train(*common, f"trainer.max_steps={steps}", "trainer.resume=true", nproc=nproc, timeout=420)
     resumed = _by_step(into)
-    assert sorted(resumed) == list(range(STEPS + 1))
+    assert sorted(resumed) == list(range(steps + 1))
     return resumed
 
 
@@ -167,3 +175,39 @@ def test_engine_old_logprobs_weigh_the_staleness_gap(dedicated_k1, warm_tiny_mod
     assert engine[2]["rollout/accuracy"] == dedicated_k1[2]["rollout/accuracy"]
     # batch 2 came from version 0 and trains on version 1: pi_old = v0 (engine) is not pi_old = v1 (recompute)
     assert engine[2]["train/loss"] != dedicated_k1[2]["train/loss"]
+
+
+PARTIAL = (
+    "rollout.placement=dedicated", "trainer.max_staleness=2", "rollout.partial=true",
+    "rollout.partial_chunk_tokens=2", "trainer.checkpoint_every=2",
+)  # fmt: skip
+"""Partial rollouts, 1 training rank + 1 rollout rank (nproc 2): chunks of 2 of the 16 new tokens, so the demo
+model's 13-16-token responses end in different rounds and some are still running when a batch is cut. Three steps:
+step 3 is the first batch that can hold carried responses, and the one the step-2 resume must reproduce."""
+PARTIAL_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def partial_dir(warm_tiny_model, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("partial")
+    _run(warm_tiny_model, run_dir, *PARTIAL, nproc=2, steps=PARTIAL_STEPS)
+    return run_dir
+
+
+def test_partial_rollouts_bound_the_oldest_token_and_resume_exactly(partial_dir, warm_tiny_model, tmp_path) -> None:
+    """Responses carried over a batch cut continue under the next version: the batch mixes versions per token, the
+    oldest at most max_staleness=2 behind; the step-2 checkpoint holds the pool in flight, and the resumed run gives
+    the uninterrupted run's step 3."""
+    records = _by_step(partial_dir)
+    assert sorted(records) == list(range(PARTIAL_STEPS + 1))
+    for step in range(1, PARTIAL_STEPS + 1):
+        record = records[step]
+        assert record["rollout/token_version_lag/max"] <= 2.0 and record["rollout/staleness/max"] <= 2.0
+        assert record["rollout/token_version_lag/mean"] <= record["rollout/staleness/mean"]
+        assert record["rollout/partial/chunk_tokens"] == 2.0
+    assert records[3]["rollout/partial/share"] > 0.0  # responses running at the step-2 cut finished in batch 3
+    assert records[3]["rollout/token_version_lag/mean"] % 1.0  # so batch 3 mixes versions per token
+    state = json.loads((partial_dir / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["in_flight"]] == [3]  # one batch ahead: k=2 less the carried version
+    resumed = _resume_from_step2(warm_tiny_model, partial_dir, tmp_path, PARTIAL, nproc=2, steps=PARTIAL_STEPS)
+    _assert_same_steps(resumed, records, (3,))

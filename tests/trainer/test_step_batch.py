@@ -66,6 +66,25 @@ def test_mismatched_lengths_are_named() -> None:
         StepBatch.from_sequences(PROMPTS, RESPONSES, LOGPROBS, [True], ["stop"] * 4)
 
 
+def test_partial_rollouts_record_a_version_per_token() -> None:
+    """Partial rollouts: each response token keeps the version that sampled it; a sequence's policy_version is its
+    first chunk's (its oldest token's)."""
+    versions = [[3, 4], [4], [2, 3, 3], []]
+    batch = StepBatch.from_sequences(
+        PROMPTS, RESPONSES, LOGPROBS, [True] * 4, ["stop"] * 4, token_versions=versions, start_versions=[3, 4, 2, 4]
+    )
+    assert batch.token_version is not None and batch.token_version.tolist() == [3, 4, 4, 2, 3, 3]
+    assert batch.policy_version is not None and batch.policy_version.tolist() == [3, 4, 2, 4]
+    assert _batch().token_version is None  # one version per batch without them
+    with pytest.raises(ValueError, match="sequence 2: 3 response tokens but 2 token versions"):
+        StepBatch.from_sequences(
+            PROMPTS, RESPONSES, LOGPROBS, [True] * 4, ["stop"] * 4, token_versions=[[3, 4], [4], [2, 3], []],
+            start_versions=[3, 4, 2, 4],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="token_versions needs start_versions"):
+        StepBatch.from_sequences(PROMPTS, RESPONSES, LOGPROBS, [True] * 4, ["stop"] * 4, token_versions=versions)
+
+
 def test_dropped_samples_get_no_loss_weight() -> None:
     batch = _batch(valid=[True, False, True, True])
     micro = build_microbatch([0, 1, 2], batch.prompts, batch.responses, pad_token_id=0)

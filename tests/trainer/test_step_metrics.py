@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_dispo.algorithms import compute_policy_loss, get_preset
-from megatron_dispo.algorithms.batch_metrics import combine_minibatch_metrics
+from megatron_dispo.algorithms.batch_metrics import combine_minibatch_metrics, staleness_metrics
 from megatron_dispo.algorithms.telemetry import METRIC_KEYS
 
 
@@ -45,3 +45,18 @@ def test_combined_updates_equal_the_whole_step() -> None:
 def test_mismatched_lengths_are_an_error() -> None:
     with pytest.raises(ValueError, match="2 metric dicts but 1 token counts"):
         combine_minibatch_metrics([{"loss": 0.0}, {"loss": 1.0}], [3])
+
+
+def test_staleness_metrics_per_sample_and_per_token() -> None:
+    """Closed forms: staleness = trainer version - a sample's oldest token's version; the token lag averages over
+    tokens; the per-staleness regime statistics are reported only when the batch has one staleness."""
+    learned = {"train/regime1/token_frac": 0.25, "train/loss": 1.0}
+    one = staleness_metrics(5, torch.tensor([4, 4]), learned)
+    assert one["rollout/staleness/max"] == one["rollout/token_version_lag/mean"] == 1.0
+    assert one["train/staleness1/regime1/token_frac"] == 0.25 and "train/staleness1/loss" not in one
+    # partial rollouts: sample 0 started at version 3 and continued under 4; sample 1 is all version 4
+    mixed = staleness_metrics(5, torch.tensor([3, 4]), learned, token_version=torch.tensor([3, 3, 4, 4, 4, 4]))
+    assert mixed["rollout/staleness/mean"] == 1.5 and mixed["rollout/staleness/max"] == 2.0
+    assert mixed["rollout/token_version_lag/mean"] == pytest.approx(8 / 6)
+    assert mixed["rollout/token_version_lag/max"] == 2.0
+    assert not any(key.startswith("train/staleness") for key in mixed)
