@@ -30,7 +30,7 @@ PROBE_SIZE = 4
 
 
 @dataclass
-class _RoundCosts:
+class RoundCosts:
     """What the sampling rounds of one step cost; filled by the rounds, read once at the end of the step."""
 
     tokens: float = 0.0
@@ -39,6 +39,22 @@ class _RoundCosts:
     engine_stats: list[dict[str, float]] = field(default_factory=list)
     outcomes: OutcomeCounts = field(default_factory=OutcomeCounts)
     """Verifier outcomes of every sampled response (all rounds), before filtering."""
+
+    def metrics(self, skipped_long_prompts: int) -> dict[str, float]:
+        """Throughput, per-replica work, verification time and outcome fractions of the step's rounds."""
+        tokens = sum(s.get("rollout/tokens", 0.0) for s in self.engine_stats)
+        seconds = sum(s.get("rollout/seconds", 0.0) for s in self.engine_stats)
+        metrics = {"perf/rollout/tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+        metrics.update(replica_metrics(self.engine_stats))
+        metrics["perf/time/reward_s"] = self.reward_seconds
+        metrics["rollout/skipped_long_prompts"] = float(skipped_long_prompts)
+        metrics.update(outcome_fractions(self.outcomes))
+        return metrics
+
+
+def round_seed(config: Config, step: int, round_index: int) -> int:
+    """One sampling seed per (run seed, step, round): resumed runs draw exactly the samples of uninterrupted ones."""
+    return config.trainer.seed * 1_000_003 + step * 1_009 + round_index
 
 
 class RolloutCollector:
@@ -92,7 +108,7 @@ class RolloutCollector:
 
     # ------------------------------------------------------------------ one step's groups
     def _sample_round(
-        self, prompts: Sequence[tuple[Problem, list[int]]], seed: int, costs: _RoundCosts
+        self, prompts: Sequence[tuple[Problem, list[int]]], seed: int, costs: RoundCosts
     ) -> list[GroupRollout]:
         """G samples for each prompt, verified, as groups."""
         prompt_ids = [ids for _, ids in prompts]
@@ -133,25 +149,16 @@ class RolloutCollector:
     def collect(self, step: int, *, granularity: int) -> tuple[list[GroupRollout], dict[str, float]]:
         """This step's groups (a multiple of ``granularity``) and the rollout metrics of getting them."""
         cfg = self.config
-        costs = _RoundCosts()
+        costs = RoundCosts()
         rounds = itertools.count()
 
         def sample(problems: Sequence[tuple[Problem, list[int]]]) -> list[GroupRollout]:
-            # one seed per (run seed, step, round): resumed runs draw exactly the samples of uninterrupted ones
-            return self._sample_round(problems, cfg.trainer.seed * 1_000_003 + step * 1_009 + next(rounds), costs)
+            return self._sample_round(problems, round_seed(cfg, step, next(rounds)), costs)
 
         groups, stats = self.sampler.collect(
             cfg.trainer.prompts_per_step, self.next_prompts, sample, granularity=granularity
         )
-        metrics = stats.metrics()
-        tokens = sum(s.get("rollout/tokens", 0.0) for s in costs.engine_stats)
-        seconds = sum(s.get("rollout/seconds", 0.0) for s in costs.engine_stats)
-        metrics["perf/rollout/tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
-        metrics.update(replica_metrics(costs.engine_stats))
-        metrics["perf/time/reward_s"] = costs.reward_seconds
-        metrics["rollout/skipped_long_prompts"] = float(self.skipped_long_prompts)
-        metrics.update(outcome_fractions(costs.outcomes))
-        return groups, metrics
+        return groups, {**stats.metrics(), **costs.metrics(self.skipped_long_prompts)}
 
     def to_step_batch(self, groups: Sequence[GroupRollout], step: int) -> StepBatch:
         """The kept groups as the step's tensors; ``reward.on_verifier_failure`` decides which samples stay valid."""

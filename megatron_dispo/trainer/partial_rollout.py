@@ -30,8 +30,8 @@ import torch
 
 from megatron_dispo.algorithms.filters import filter_mixed_groups
 from megatron_dispo.config import Config
-from megatron_dispo.rewards import OutcomeCounts, outcome_fractions
-from megatron_dispo.trainer.collector import RolloutCollector, replica_metrics
+from megatron_dispo.rewards import OutcomeCounts
+from megatron_dispo.trainer.collector import RolloutCollector, RoundCosts, round_seed
 from megatron_dispo.trainer.rollout_phase import GroupRollout, RolloutPhaseStats
 from megatron_dispo.trainer.step_batch import StepBatch
 
@@ -64,13 +64,6 @@ class _Group:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> _Group:
         return cls(**{**state, "responses": [_Response(**r) for r in state["responses"]]})
-
-
-@dataclass
-class _Costs:
-    engine_stats: list[dict[str, float]] = field(default_factory=list)
-    reward_seconds: float = 0.0
-    outcomes: OutcomeCounts = field(default_factory=OutcomeCounts)
 
 
 class PartialRollouts:
@@ -106,7 +99,7 @@ class PartialRollouts:
         groups as they end, round by round, until the batch is full (or ``max_rounds``)."""
         oldest_allowed = step - 1 - self.config.trainer.max_staleness
         target = self.config.trainer.prompts_per_step
-        stats, costs = RolloutPhaseStats(), _Costs()
+        stats, costs = RolloutPhaseStats(), RoundCosts()
         batch = [g for g in self.carry if min(g.start_versions or [0]) >= oldest_allowed]
         stale_groups = len(self.carry) - len(batch)
         stats.from_cache, self.carry = len(batch), []
@@ -153,12 +146,12 @@ class PartialRollouts:
         for problem, ids in self.collector.next_prompts(missing):
             self.pool.append(_Group(problem.id, problem.answer, list(ids), [_Response() for _ in range(size)]))
 
-    def _advance(self, step: int, round_index: int, costs: _Costs) -> list[_Group]:
+    def _advance(self, step: int, round_index: int, costs: RoundCosts) -> list[_Group]:
         """One chunk for every running response (one engine call); the groups that have ended, in pool order."""
         running = [r for g in self.pool for r in g.responses if r.finish is None]
         contexts = [g.prompt_ids + r.ids for g in self.pool for r in g.responses if r.finish is None]
         cfg = self.config
-        seed = cfg.trainer.seed * 1_000_003 + step * 1_009 + round_index  # as the collector's rounds: resumable
+        seed = round_seed(cfg, step, round_index)
         out = self.collector.engine.generate(contexts, 1, seed=seed, max_new_tokens=cfg.rollout.chunk_tokens)
         costs.engine_stats.append(out.stats)
         version = self.current_version()
@@ -176,7 +169,7 @@ class PartialRollouts:
         self.pool = [g for g in self.pool if any(r.finish is None for r in g.responses)]
         return ended
 
-    def _verified(self, groups: list[_Group], step: int, costs: _Costs) -> list[GroupRollout]:
+    def _verified(self, groups: list[_Group], step: int, costs: RoundCosts) -> list[GroupRollout]:
         """Ended groups, verified, as :class:`GroupRollout` with their per-token versions."""
         responses = [r for g in groups for r in g.responses]
         texts = self.collector.tokenizer.batch_decode([r.ids for r in responses], skip_special_tokens=True)
@@ -224,15 +217,8 @@ class PartialRollouts:
         stats.dropped_all_wrong += result.num_dropped_all_wrong
         return [groups[i] for i in result.kept_groups.tolist()]
 
-    def _metrics(self, batch: list[GroupRollout], stats: RolloutPhaseStats, costs: _Costs) -> dict[str, float]:
-        metrics = stats.metrics()
-        tokens = sum(s.get("rollout/tokens", 0.0) for s in costs.engine_stats)
-        seconds = sum(s.get("rollout/seconds", 0.0) for s in costs.engine_stats)
-        metrics["perf/rollout/tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
-        metrics.update(replica_metrics(costs.engine_stats))
-        metrics["perf/time/reward_s"] = costs.reward_seconds
-        metrics["rollout/skipped_long_prompts"] = float(self.collector.skipped_long_prompts)
-        metrics.update(outcome_fractions(costs.outcomes))
+    def _metrics(self, batch: list[GroupRollout], stats: RolloutPhaseStats, costs: RoundCosts) -> dict[str, float]:
+        metrics = {**stats.metrics(), **costs.metrics(self.collector.skipped_long_prompts)}
         carried = [c for g in batch for c in g.carried or ()]
         metrics["rollout/partial/share"] = sum(carried) / max(len(carried), 1)
         metrics["rollout/partial/in_flight_groups"] = float(len(self.pool))
