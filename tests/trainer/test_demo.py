@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.mcore]
 
 def test_demo_first_steps(tmp_path):
     cmd = [
-        sys.executable, "-m", "megatron_dispo", "demo", "--run-dir", str(tmp_path), "--warmup-steps", "30",
+        sys.executable, "-m", "megatron_dispo", "demo", "--run-dir", str(tmp_path), "--warmup-steps", "10",
         "trainer.max_steps=2", "trainer.prompts_per_step=8", "trainer.num_minibatches=2", "algorithm.group_size=4",
         "data.heldout.num_problems=16", "eval.every_steps=2", "eval.n=2", "trainer.plot_every=2",
     ]  # fmt: skip
