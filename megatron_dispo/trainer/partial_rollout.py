@@ -26,9 +26,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
-from megatron_dispo.algorithms.filters import filter_mixed_groups
 from megatron_dispo.config import Config
 from megatron_dispo.rewards import OutcomeCounts
 from megatron_dispo.trainer.collector import RolloutCollector, RoundCosts, round_seed
@@ -108,7 +105,7 @@ class PartialRollouts:
             self._fill_pool()
             ended = self._advance(step, stats.rounds, costs)
             stats.rounds += 1
-            batch.extend(self._keep(self._verified(ended, step, costs), stats))
+            batch.extend(self.collector.sampler.keep(self._verified(ended, step, costs), stats))
         batch, self.carry = batch[:target], batch[target:]
         usable = len(batch) - len(batch) % granularity
         batch, self.carry = batch[:usable], batch[usable:] + self.carry
@@ -203,19 +200,6 @@ class PartialRollouts:
                 )
             )
         return out
-
-    def _keep(self, groups: list[GroupRollout], stats: RolloutPhaseStats) -> list[GroupRollout]:
-        """Dynamic sampling, group by group as they end: the mixed ones (all, when it is off)."""
-        stats.sampled_groups += len(groups)
-        stats.sampled_correct += sum(sum(g.correct) for g in groups)
-        stats.sampled_responses += sum(g.group_size for g in groups)
-        if not self.config.algorithm.dynamic_sampling.enabled or not groups:
-            return groups
-        size = self.config.algorithm.group_size
-        result = filter_mixed_groups(torch.tensor([c for g in groups for c in g.correct], dtype=torch.bool), size)
-        stats.dropped_all_correct += result.num_dropped_all_correct
-        stats.dropped_all_wrong += result.num_dropped_all_wrong
-        return [groups[i] for i in result.kept_groups.tolist()]
 
     def _metrics(self, batch: list[GroupRollout], stats: RolloutPhaseStats, costs: RoundCosts) -> dict[str, float]:
         metrics = {**stats.metrics(), **costs.metrics(self.collector.skipped_long_prompts)}

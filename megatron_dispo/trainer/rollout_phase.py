@@ -103,6 +103,24 @@ class DynamicSampler:
         self.group_size = group_size
         self.cache: list[GroupRollout] = []
 
+    def keep(self, groups: Sequence[GroupRollout], stats: RolloutPhaseStats) -> list[GroupRollout]:
+        """The sampled ``groups`` that enter a batch, counted into ``stats``: the mixed ones (all when dynamic
+        sampling is off). Partial rollouts call it group by group as groups end."""
+        stats.sampled_groups += len(groups)
+        for group in groups:
+            if group.group_size != self.group_size:
+                raise ValueError(f"a group has {group.group_size} responses; expected group_size={self.group_size}.")
+            stats.sampled_correct += sum(group.correct)
+            stats.sampled_responses += group.group_size
+        if not self.config.enabled or not groups:
+            return list(groups)
+        result = filter_mixed_groups(
+            torch.tensor([c for g in groups for c in g.correct], dtype=torch.bool), self.group_size
+        )
+        stats.dropped_all_correct += result.num_dropped_all_correct
+        stats.dropped_all_wrong += result.num_dropped_all_wrong
+        return [groups[i] for i in result.kept_groups.tolist()]
+
     def collect(
         self,
         target_groups: int,
@@ -122,22 +140,9 @@ class DynamicSampler:
             factor = self.config.oversample_factor if self.config.enabled else 1.0
             groups = sample_groups(next_problems(math.ceil(missing * factor)))
             stats.rounds += 1
-            stats.sampled_groups += len(groups)
-            for group in groups:
-                if group.group_size != self.group_size:
-                    raise ValueError(
-                        f"a group has {group.group_size} responses; expected group_size={self.group_size}."
-                    )
-                stats.sampled_correct += sum(group.correct)
-                stats.sampled_responses += group.group_size
+            batch.extend(self.keep(groups, stats))
             if not self.config.enabled:
-                batch.extend(groups)
                 break
-            correct = torch.tensor([c for g in groups for c in g.correct], dtype=torch.bool)
-            result = filter_mixed_groups(correct, self.group_size)
-            stats.dropped_all_correct += result.num_dropped_all_correct
-            stats.dropped_all_wrong += result.num_dropped_all_wrong
-            batch.extend(groups[i] for i in result.kept_groups.tolist())
         if len(batch) > target_groups:
             leftovers = batch[target_groups:]
             batch = batch[:target_groups]
