@@ -20,7 +20,7 @@ venv: $(STAMP)
 
 test: venv
 	$(PY) -m ruff check megatron_dispo tests benchmarks tools examples
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) tools/run_tests.py $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/megatron-dispo demo
