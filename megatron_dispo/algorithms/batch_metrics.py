@@ -1,7 +1,8 @@
 """Per-step metrics of a rollout batch and its updates, from plain tensors and metric dicts.
 
 Rewards, lengths and finish reasons of the kept responses; the step's loss metrics combined over its K updates
-(weighted as if over all the step's tokens, `METRIC_REDUCTIONS`); the per-regime statistics by staleness.
+(weighted as if over all the step's tokens, `telemetry.reduction_of`); the per-regime statistics by token version
+lag.
 """
 
 from __future__ import annotations
@@ -11,9 +12,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from megatron_dispo.algorithms.telemetry import METRIC_REDUCTIONS
+from megatron_dispo.algorithms.telemetry import LAG_KEYS, REGIMES, reduction_of
 
-__all__ = ["combine_minibatch_metrics", "finish_reason_metrics", "reward_metrics", "staleness_metrics"]
+__all__ = [
+    "combine_minibatch_metrics",
+    "finish_reason_metrics",
+    "lag_regime_metrics",
+    "reward_metrics",
+    "staleness_metrics",
+]
 
 
 def reward_metrics(
@@ -60,44 +67,54 @@ def combine_minibatch_metrics(dicts: Sequence[Mapping[str, float]], token_counts
 
     out: dict[str, float] = {}
     for key in dicts[0]:
-        reduction = METRIC_REDUCTIONS.get(key)
+        reduction = reduction_of(key)
         if reduction is None or total_tokens <= 0:
             out[key] = sum(float(d[key]) for d in dicts) / len(dicts)
         elif reduction.kind == "sum":
             out[key] = weighted(key, [float(n) for n in token_counts])
         else:
-            regime_tokens = [float(d[reduction.weight_key]) * n for d, n in zip(dicts, token_counts, strict=True)]
+            regime_tokens = [float(d[str(reduction.weight_key)]) * n for d, n in zip(dicts, token_counts, strict=True)]
             out[key] = weighted(key, regime_tokens)
     return out
 
 
 def staleness_metrics(
-    trainer_version: int,
-    policy_version: torch.Tensor,
-    train_metrics: Mapping[str, float],
-    *,
-    token_version: torch.Tensor | None = None,
+    trainer_version: int, policy_version: torch.Tensor, *, token_version: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """``rollout/staleness/{mean,max}``, ``rollout/token_version_lag/{mean,max}`` and, when every sample of the batch
-    has one staleness, the per-regime IS statistics under ``train/staleness{d}/``.
+    """``rollout/staleness/{mean,max}`` and ``rollout/token_version_lag/{mean,max}``.
 
     Staleness = versions between a sample's oldest token's policy (``policy_version``, per sample) and the one it is
     trained from; the token-version lag is the same per token (``token_version``; without it every token of a sample
-    has its sample's version). Without partial rollouts the schedule gives a batch one staleness, so the staleness-d
-    subset is the whole batch and its per-regime statistics are the step's own ``train/regime*`` values; a partial
-    batch mixes staleness and reports the lags only.
+    has its sample's version).
     """
     staleness = trainer_version - policy_version
     lag = staleness if token_version is None else trainer_version - token_version
-    out = {
+    return {
         "rollout/staleness/mean": float(staleness.float().mean()),
         "rollout/staleness/max": float(staleness.max()),
         "rollout/token_version_lag/mean": float(lag.float().mean()) if lag.numel() else 0.0,
         "rollout/token_version_lag/max": float(lag.max()) if lag.numel() else 0.0,
     }
-    distinct = sorted(set(staleness.tolist()))
-    if len(distinct) == 1 and (token_version is None or set(lag.tolist()) <= set(distinct)):
-        for key, value in train_metrics.items():
-            if key.startswith("train/regime"):
-                out[f"train/staleness{distinct[0]}/{key.removeprefix('train/')}"] = value
+
+
+def lag_regime_metrics(train_metrics: dict[str, float]) -> dict[str, float]:
+    """``train/lag{d}/...`` (per-lag loss telemetry, fractions of all tokens) -> ``train/staleness{d}/...``: the
+    lag-d share of the step's tokens and the regime statistics of the tokens sampled d versions before pi_old, with
+    token fractions of the lag-d tokens. Only lags that hold tokens are reported; the ``lag`` keys are removed.
+
+    A token's lag is per token, so a partial batch (tokens of several versions in one response) splits exactly; without
+    partial rollouts every token of a batch has one lag and its ``staleness{d}`` statistics are the step's own.
+    """
+    out: dict[str, float] = {}
+    lag = 0
+    while f"train/lag{lag}/token_frac" in train_metrics:
+        raw = {key: train_metrics.pop(f"train/lag{lag}/{key}") for key in LAG_KEYS}
+        share = raw["token_frac"]
+        if share > 0:
+            out[f"train/staleness{lag}/token_frac"] = share
+            for k in REGIMES:
+                out[f"train/staleness{lag}/regime{k}/token_frac"] = raw[f"regime{k}/token_frac"] / share
+                for name in ("clip_frac", "is_weight_mean"):
+                    out[f"train/staleness{lag}/regime{k}/{name}"] = raw[f"regime{k}/{name}"]
+        lag += 1
     return out

@@ -198,6 +198,8 @@ def compute_policy_loss(
     num_global_sequences: int | float | torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    token_lag: torch.Tensor | None = None,
+    num_lags: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy loss named by `config.loss_type`, as a scalar, plus telemetry (plain floats).
 
@@ -217,10 +219,13 @@ def compute_policy_loss(
             the sequence-mean losses (grpo, reinforce, gspo, sspo).
         entropy: [batch, seq] per-token entropy of pi_theta (sspo's adaptive bounds; detached here).
         segment_ids: [batch, seq] integer subsentence id per token (sspo; see `sspo.py`).
+        token_lag: [batch, seq] integer version lag per token (sampled ``d`` policy versions before pi_old; partial
+            and asynchronous rollouts), in 0..num_lags-1 on response tokens; with ``num_lags`` > 0 the regime
+            telemetry is also reported per lag (``lag{d}/`` keys). It never changes the loss.
 
     Returns:
         (loss, metrics): loss is a 0-dim tensor, differentiable w.r.t. logprobs (IS weights are detached where the
-        paper says sg); metrics has the keys of `telemetry.METRIC_REDUCTIONS`.
+        paper says sg); metrics has the keys of `telemetry.metric_keys(num_lags)`.
     """
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}; use get_preset(name).")
@@ -250,7 +255,11 @@ def compute_policy_loss(
         num_sequences=num_sequences if num_sequences is not None else local_sequences,
     )
     telemetry_tokens = num_tokens if num_tokens is not None else max(local_tokens, 1.0)
-    return loss, loss_metrics(loss, terms, inputs, correct_b, telemetry_tokens)
+    if num_lags and (token_lag is None or token_lag.shape != inputs.mask.shape):
+        shape = None if token_lag is None else tuple(token_lag.shape)
+        expected = tuple(inputs.mask.shape)
+        raise ValueError(f"num_lags={num_lags} needs token_lag shaped like logprobs {expected}, got {shape}.")
+    return loss, loss_metrics(loss, terms, inputs, correct_b, telemetry_tokens, token_lag, num_lags)
 
 
 def _prepare_inputs(

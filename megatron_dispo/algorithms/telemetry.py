@@ -28,6 +28,8 @@ import torch
 from megatron_dispo.algorithms.loss_contract import LossInputs, LossTerms
 
 REGIMES: tuple[int, ...] = (1, 2, 3, 4)
+_REGIME_VALUES = 3 * len(REGIMES)
+"""`regime_stats` flattened: token count, clipped count and is_weight sum per regime."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,30 @@ METRIC_REDUCTIONS: dict[str, MetricReduction] = _build_reductions()
 
 METRIC_KEYS: tuple[str, ...] = tuple(METRIC_REDUCTIONS)
 
+LAG_KEYS: tuple[str, ...] = (
+    "token_frac",
+    *(f"regime{k}/{name}" for k in REGIMES for name in ("token_frac", "clip_frac", "is_weight_mean")),
+)
+"""Per version lag d (``lag{d}/`` + key): the lag-d share of all tokens, and the regime statistics of the lag-d tokens
+(token fractions of all tokens as well, so every key reduces like its unlagged counterpart)."""
+
+
+def metric_keys(num_lags: int = 0) -> tuple[str, ...]:
+    """The keys `compute_policy_loss` returns: `METRIC_KEYS`, plus `LAG_KEYS` for lags 0..num_lags-1 when the tokens
+    carry their version lag (partial and asynchronous rollouts: a token sampled ``d`` versions before pi_old)."""
+    return METRIC_KEYS + tuple(f"lag{d}/{key}" for d in range(num_lags) for key in LAG_KEYS)
+
+
+def reduction_of(key: str) -> MetricReduction | None:
+    """The reduction of a loss metric key, per-lag keys included; None for a key that is not a loss metric."""
+    if key in METRIC_REDUCTIONS:
+        return METRIC_REDUCTIONS[key]
+    prefix, _, rest = key.partition("/")
+    if not (prefix.startswith("lag") and prefix[3:].isdigit() and rest in LAG_KEYS):
+        return None
+    base = METRIC_REDUCTIONS.get(rest, MetricReduction("sum"))
+    return MetricReduction(base.kind, None if base.weight_key is None else f"{prefix}/{base.weight_key}")
+
 
 @torch.no_grad()
 def loss_metrics(
@@ -67,39 +93,71 @@ def loss_metrics(
     inputs: LossInputs,
     correct: torch.Tensor | None,
     num_tokens: float,
+    token_lag: torch.Tensor | None = None,
+    num_lags: int = 0,
 ) -> dict[str, float]:
-    """The `METRIC_KEYS` of one `compute_policy_loss` call, as plain floats read back in one host sync.
+    """The `metric_keys(num_lags)` of one `compute_policy_loss` call, as plain floats read back in one host sync.
 
     Args:
         loss: the aggregated loss. terms, inputs: what the loss function returned and read.
         correct: bool [batch, 1] or [batch, seq] verifier outcome, or None (then no disagreement is counted).
         num_tokens: N, the normaliser of every "sum" key (the global token count when one was given).
+        token_lag: int [batch, seq], with ``num_lags`` > 0: each token's version lag, in 0..num_lags-1 on response
+            tokens; the regime statistics are then also reported per lag (``lag{d}/``).
     """
+    regime_terms = (inputs.side, terms.regime_log_ratio, terms.is_weight, terms.clipped)
     parts = [
         loss.detach().reshape(1),
         inputs.log_ratio.detach().abs().sum().reshape(1),  # padding holds log r = 0
         sign_correct_disagreement(inputs.advantages, correct, inputs.mask).reshape(1),
-        regime_stats(inputs.side, terms.regime_log_ratio, terms.is_weight, terms.clipped).reshape(-1),
+        regime_stats(*regime_terms).reshape(-1),
     ]
-    loss_value, log_ratio_abs_sum, disagree_count, *per_regime = torch.cat([p.double() for p in parts]).tolist()
+    if num_lags:
+        assert token_lag is not None, "num_lags > 0 needs token_lag"
+        response = inputs.mask > 0
+        outside = response & ((token_lag < 0) | (token_lag >= num_lags))
+        parts.append(torch.count_nonzero(outside).reshape(1))
+        for lag in range(num_lags):
+            at_lag = response & (token_lag == lag)
+            parts += [torch.count_nonzero(at_lag).reshape(1), regime_stats(*regime_terms, where=at_lag).reshape(-1)]
+    values = torch.cat([p.double() for p in parts]).tolist()
+    (loss_value, log_ratio_abs_sum, disagree_count), rest = values[:3], values[3:]
+    per_regime, rest = rest[:_REGIME_VALUES], rest[_REGIME_VALUES:]
     metrics = {
         "loss": loss_value,
         "log_ratio_abs_mean": log_ratio_abs_sum / num_tokens,
         "sign_correct_disagree_frac": disagree_count / num_tokens,
+        "clip_frac": sum(per_regime[1::3]) / num_tokens,  # the clipped counts of regimes 1..4
+        **_regime_metrics(per_regime, num_tokens),
     }
-    clipped_total = 0.0
+    if num_lags:
+        outside, rest = rest[0], rest[1:]
+        if outside:
+            raise ValueError(f"{int(outside)} response tokens have a version lag outside 0..{num_lags - 1}.")
+        for lag in range(num_lags):
+            (count, *lag_regimes), rest = rest[: 1 + _REGIME_VALUES], rest[1 + _REGIME_VALUES :]
+            metrics[f"lag{lag}/token_frac"] = count / num_tokens
+            metrics.update({f"lag{lag}/{k}": v for k, v in _regime_metrics(lag_regimes, num_tokens).items()})
+    return {key: metrics[key] for key in metric_keys(num_lags)}
+
+
+def _regime_metrics(per_regime: Sequence[float], num_tokens: float) -> dict[str, float]:
+    """``regime{k}/{token_frac,clip_frac,is_weight_mean}`` from `regime_stats`' flattened counts."""
+    metrics = {}
     for k in REGIMES:
         count, clipped, weight_sum = per_regime[3 * (k - 1) : 3 * k]
         metrics[f"regime{k}/token_frac"] = count / num_tokens
         metrics[f"regime{k}/clip_frac"] = clipped / max(count, 1.0)
         metrics[f"regime{k}/is_weight_mean"] = weight_sum / max(count, 1.0)
-        clipped_total += clipped
-    metrics["clip_frac"] = clipped_total / num_tokens
-    return {key: metrics[key] for key in METRIC_KEYS}
+    return metrics
 
 
 def regime_stats(
-    side: torch.Tensor, regime_log_ratio: torch.Tensor, is_weight: torch.Tensor, clipped: torch.Tensor
+    side: torch.Tensor,
+    regime_log_ratio: torch.Tensor,
+    is_weight: torch.Tensor,
+    clipped: torch.Tensor,
+    where: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float64 [4, 3]: for regimes 1..4, the token count, the clipped token count and the sum of is_weight.
 
@@ -107,8 +165,11 @@ def regime_stats(
         side: int8 [batch, 1] or [batch, seq]; +1 positive pair, -1 negative pair, 0 none.
         regime_log_ratio: [batch, seq], 0 on padding; its sign picks r > 1 vs r < 1.
         is_weight: [batch, seq] effective IS weight. clipped: bool [batch, seq], False on padding.
+        where: bool [batch, seq], optional: only these tokens count (one version lag's).
     """
     up, down = regime_log_ratio > 0, regime_log_ratio < 0
+    if where is not None:
+        up, down = up & where, down & where
     positive, negative = side > 0, side < 0
     rows = []
     for in_regime in (positive & up, positive & down, negative & up, negative & down):
@@ -129,42 +190,53 @@ def sign_correct_disagreement(
     return torch.count_nonzero(disagree & (mask > 0)).double()
 
 
-def pack_metrics(metrics: Mapping[str, float]) -> list[float]:
+def pack_metrics(metrics: Mapping[str, float], num_lags: int = 0) -> list[float]:
     """Metrics -> vector to be summed element-wise over micro-batches / all-reduced (SUM) over ranks."""
-    missing = [key for key in METRIC_KEYS if key not in metrics]
+    keys = metric_keys(num_lags)
+    missing = [key for key in keys if key not in metrics]
     if missing:
         raise ValueError(f"metrics lack keys {missing}; pass the dict returned by compute_policy_loss.")
     packed = []
-    for key in METRIC_KEYS:
-        reduction = METRIC_REDUCTIONS[key]
+    for key in keys:
+        reduction = reduction_of(key)
+        assert reduction is not None
         value = float(metrics[key])
-        packed.append(value if reduction.kind == "sum" else value * float(metrics[reduction.weight_key]))
+        packed.append(value if reduction.kind == "sum" else value * float(metrics[str(reduction.weight_key)]))
     return packed
 
 
-def unpack_metrics(summed: Sequence[float] | torch.Tensor) -> dict[str, float]:
+def unpack_metrics(summed: Sequence[float] | torch.Tensor, num_lags: int = 0) -> dict[str, float]:
     """Inverse of `pack_metrics` after summing: weighted means are divided by their summed weight (0 if none)."""
+    keys = metric_keys(num_lags)
     values = [float(v) for v in (summed.tolist() if isinstance(summed, torch.Tensor) else summed)]
-    if len(values) != len(METRIC_KEYS):
-        raise ValueError(f"expected {len(METRIC_KEYS)} packed values (METRIC_KEYS order), got {len(values)}.")
-    by_key = dict(zip(METRIC_KEYS, values, strict=True))
+    if len(values) != len(keys):
+        raise ValueError(f"expected {len(keys)} packed values (metric_keys order), got {len(values)}.")
+    by_key = dict(zip(keys, values, strict=True))
     out: dict[str, float] = {}
-    for key in METRIC_KEYS:
-        reduction = METRIC_REDUCTIONS[key]
+    for key in keys:
+        reduction = reduction_of(key)
+        assert reduction is not None
         if reduction.kind == "sum":
             out[key] = by_key[key]
         else:
-            weight = by_key[reduction.weight_key]
+            weight = by_key[str(reduction.weight_key)]
             out[key] = by_key[key] / weight if weight > 0 else 0.0
     return out
+
+
+def num_lags_of(metrics: Mapping[str, float]) -> int:
+    """How many version lags a metrics dict of `compute_policy_loss` reports (0: none)."""
+    return sum(1 for key in metrics if key.startswith("lag") and key.endswith("/token_frac") and key.count("/") == 1)
 
 
 def reduce_metrics(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
     """Exact global metrics from the per-micro-batch dicts (computed with the same num_global_tokens)."""
     total: list[float] | None = None
+    num_lags = 0
     for part in parts:
-        packed = pack_metrics(part)
+        num_lags = num_lags_of(part)
+        packed = pack_metrics(part, num_lags)
         total = packed if total is None else [a + b for a, b in zip(total, packed, strict=True)]
     if total is None:
         raise ValueError("reduce_metrics needs at least one metrics dict.")
-    return unpack_metrics(total)
+    return unpack_metrics(total, num_lags)

@@ -45,6 +45,9 @@ class MicroBatch:
     rollout_logprobs: torch.Tensor | None = None
     """[n, T-1] the engine's log-probs of the sampled tokens (0 outside the response), for truncated importance
     sampling against pi_old (``algorithms/tis.py``)."""
+    token_lag: torch.Tensor | None = None
+    """int64 [n, T-1]: how many policy versions before pi_old each target token was sampled (0 outside the response),
+    for the per-lag regime telemetry of asynchronous and partial rollouts."""
 
     @property
     def num_tokens(self) -> int:
@@ -84,9 +87,11 @@ def build_microbatch(
     routed_experts: Sequence[torch.Tensor] | None = None,
     correct: torch.Tensor | None = None,
     rollout_logprobs: Sequence[Sequence[float]] | None = None,
+    token_lags: Sequence[Sequence[int]] | None = None,
 ) -> MicroBatch:
     """Pad the chosen sequences into tensors; ``old_logprobs[i]`` (and ``rollout_logprobs[i]``) holds one value per
-    response token of sequence i (a list indexed by sequence, or a mapping holding at least the chosen sequences);
+    response token of sequence i (a list indexed by sequence, or a mapping holding at least the chosen sequences), and
+    so does ``token_lags[i]``;
     ``routed_experts[i]`` is sequence i's engine routing ``[tokens, moe_layers, top_k]``, row j for input token j;
     ``correct`` is indexed by sequence like ``advantages``."""
     lengths = [len(prompt_ids[i]) + len(response_ids[i]) for i in indices]
@@ -97,6 +102,7 @@ def build_microbatch(
     mask = torch.zeros((n, width - 1), dtype=torch.float32)
     old = torch.zeros((n, width - 1), dtype=torch.float32) if old_logprobs is not None else None
     behaviour = torch.zeros((n, width - 1), dtype=torch.float32) if rollout_logprobs is not None else None
+    lag = torch.zeros((n, width - 1), dtype=torch.int64) if token_lags is not None else None
     for row, index in enumerate(indices):
         prompt = torch.as_tensor(prompt_ids[index], dtype=torch.long)  # lists or tensor views of a packed batch
         response = torch.as_tensor(response_ids[index], dtype=torch.long)
@@ -116,6 +122,9 @@ def build_microbatch(
         if behaviour is not None:
             assert rollout_logprobs is not None
             behaviour[row, start:stop] = torch.as_tensor(rollout_logprobs[index], dtype=torch.float32)
+        if lag is not None:
+            assert token_lags is not None
+            lag[row, start:stop] = torch.as_tensor(token_lags[index], dtype=torch.int64)
     adv = advantages[list(indices)].to(torch.float32) if advantages is not None else None
     routed = None
     if routed_experts is not None:
@@ -123,7 +132,7 @@ def build_microbatch(
         layers, top_k = chosen[0].shape[1:]
         routed = align_routed_experts(chosen, width, num_layers=int(layers), top_k=int(top_k))
     chosen_correct = correct[list(indices)].to(torch.bool) if correct is not None else None
-    return MicroBatch(tuple(indices), input_ids, mask, old, adv, pad_token_id, routed, chosen_correct, behaviour)
+    return MicroBatch(tuple(indices), input_ids, mask, old, adv, pad_token_id, routed, chosen_correct, behaviour, lag)
 
 
 def with_old_logprobs(batch: MicroBatch, values: Mapping[int, torch.Tensor]) -> MicroBatch:

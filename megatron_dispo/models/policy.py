@@ -23,7 +23,7 @@ import torch
 
 from megatron_dispo.algorithms.loss_config import PolicyLossConfig
 from megatron_dispo.algorithms.losses import compute_policy_loss
-from megatron_dispo.algorithms.telemetry import METRIC_KEYS, pack_metrics, unpack_metrics
+from megatron_dispo.algorithms.telemetry import metric_keys, pack_metrics, unpack_metrics
 from megatron_dispo.algorithms.tis import truncated_is_weights
 from megatron_dispo.models.builder import build_model, model_forward_logits
 from megatron_dispo.models.convert import export_hf_weights, load_hf_weights
@@ -115,6 +115,7 @@ class MegatronPolicy:
             routed_experts=move(routed),
             correct=move(batch.correct),
             rollout_logprobs=move(batch.rollout_logprobs),
+            token_lag=move(batch.token_lag),
         )
 
     def _token_logprobs(
@@ -326,6 +327,7 @@ class MegatronPolicy:
         old_logprobs: OldLogprobsMode = "given",
         tis_cap: float | None = None,
         routing: RoutingCounts | None = None,
+        num_lags: int = 0,
     ) -> MinibatchResult:
         """One optimizer step over this rank's micro-batches of a mini-batch; metrics are global (all DP ranks).
 
@@ -338,9 +340,10 @@ class MegatronPolicy:
           ``routing`` accumulates that forward's router agreement (it is those sequences' pi_old pass).
 
         With ``tis_cap`` each token's advantage is multiplied by min(pi_old / pi_rollout, cap) (``algorithms/tis``),
-        which needs pi_old given.
+        which needs pi_old given. With ``num_lags`` > 0 every micro-batch carries its tokens' version lags and the
+        regime telemetry is also reported per lag (the same on every rank: it sizes the metric all-reduce).
         """
-        _check_update_inputs(batches, old_logprobs, tis_cap)
+        _check_update_inputs(batches, old_logprobs, tis_cap, num_lags)
         self.model.train()
         zero_grads([self.model], self.optimizer)
         packed: list[list[float] | None] = [None] * len(batches)
@@ -366,8 +369,10 @@ class MegatronPolicy:
                 num_global_tokens=num_global_tokens,
                 num_global_sequences=num_global_sequences,
                 entropy=entropy,
+                token_lag=batch.token_lag,
+                num_lags=num_lags,
             )
-            packed[i] = pack_metrics(metrics)
+            packed[i] = pack_metrics(metrics, num_lags)
             entropy_sums[i] = (entropy.detach().to(torch.float64) * batch.response_mask).sum()
             return loss
 
@@ -378,23 +383,23 @@ class MegatronPolicy:
             routing=routing if old_logprobs == "capture" else None,
         )  # fmt: skip
         result = finalize_and_step([self.model], self.optimizer)
-        totals = self._global_loss_totals(packed, entropy_sums)
+        totals = self._global_loss_totals(packed, entropy_sums, len(metric_keys(num_lags)))
         captured: dict[int, torch.Tensor] = {}
         if old_logprobs == "capture":
             for batch, values in zip(batches, self._logprobs_of_all_stages(batches, on_policy), strict=True):
                 captured.update(response_values(batch, values))
-        metrics = unpack_metrics(totals[:-1])
+        metrics = unpack_metrics(totals[:-1], num_lags)
         metrics["entropy"] = float(totals[-1]) / max(num_global_tokens, 1)
         metrics["grad_norm"] = result.grad_norm
         metrics["update_skipped"] = float(not result.updated)
         return MinibatchResult(metrics, captured)
 
     def _global_loss_totals(
-        self, packed: Sequence[list[float] | None], entropy_sums: Sequence[torch.Tensor | None]
+        self, packed: Sequence[list[float] | None], entropy_sums: Sequence[torch.Tensor | None], num_keys: int
     ) -> torch.Tensor:
         """The loss metrics' and entropy's sums over this mini-batch on every rank (from the last pipeline stage,
         which alone computed them, then over data-parallel ranks), on the CPU."""
-        totals = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(num_keys + 1, dtype=torch.float64, device=self.device)
         if all(p is not None for p in packed):
             totals = torch.cat(
                 [
@@ -425,7 +430,9 @@ class MinibatchResult:
     captured_old_logprobs: dict[int, torch.Tensor]
 
 
-def _check_update_inputs(batches: Sequence[MicroBatch], mode: OldLogprobsMode, tis_cap: float | None) -> None:
+def _check_update_inputs(
+    batches: Sequence[MicroBatch], mode: OldLogprobsMode, tis_cap: float | None, num_lags: int
+) -> None:
     """The micro-batches must carry what the mode says (a programming error otherwise, named here)."""
     if not batches:
         raise ValueError("train_minibatch got no micro-batches; every DP rank needs at least one.")
@@ -438,6 +445,8 @@ def _check_update_inputs(batches: Sequence[MicroBatch], mode: OldLogprobsMode, t
         raise ValueError("old_logprobs='capture' but a micro-batch already carries old_logprobs.")
     if tis_cap is not None and mode == "capture":
         raise ValueError("TIS needs pi_old before the update's forward: use old_logprobs='given' with tis_cap.")
+    if num_lags and any(batch.token_lag is None for batch in batches):
+        raise ValueError(f"num_lags={num_lags} but a micro-batch carries no token_lag (build_microbatch(token_lags=)).")
 
 
 class _SetAuxLossScale(torch.autograd.Function):

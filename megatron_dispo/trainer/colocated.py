@@ -72,7 +72,7 @@ class ColocatedRollout:
                 self.engine.sleep()
         return batch, metrics
 
-    def batch_metrics(self, step: int, batch: StepBatch, learned: dict[str, float]) -> dict[str, float]:
+    def batch_metrics(self, step: int, batch: StepBatch) -> dict[str, float]:
         return {}
 
     def publish_weights(self, version: int, *, learned: bool, evaluate: bool, force: bool = False) -> dict[str, float]:

@@ -121,9 +121,9 @@ class DedicatedRollout:
         metrics["rollout/dynamic_sampling/empty_batch"] = float(batch.num_sequences == 0)
         return batch, metrics
 
-    def batch_metrics(self, step: int, batch: StepBatch, learned: dict[str, float]) -> dict[str, float]:
+    def batch_metrics(self, step: int, batch: StepBatch) -> dict[str, float]:
         assert batch.policy_version is not None
-        return staleness_metrics(step - 1, batch.policy_version, learned, token_version=batch.token_version)
+        return staleness_metrics(step - 1, batch.policy_version, token_version=batch.token_version)
 
     def publish_weights(self, version: int, *, learned: bool, evaluate: bool, force: bool = False) -> dict[str, float]:
         """Send version ``version`` if a later batch or an evaluation needs it (always with ``force``), after the

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from megatron_dispo.algorithms.advantages import group_relative_advantages
-from megatron_dispo.algorithms.batch_metrics import combine_minibatch_metrics, finish_reason_metrics, reward_metrics
+from megatron_dispo.algorithms.batch_metrics import (
+    combine_minibatch_metrics,
+    finish_reason_metrics,
+    lag_regime_metrics,
+    reward_metrics,
+)
 from megatron_dispo.algorithms.loss_config import PolicyLossConfig
 from megatron_dispo.algorithms.regime_control import RegimeController, StepSignals, apply_bounds
 from megatron_dispo.algorithms.repetition import batch_repeated_ngram_rate
@@ -74,6 +79,10 @@ class Learner:
         control = config.algorithm.regime_control
         self.controller = RegimeController(control, config.algorithm.loss) if control.active else None
         """Adaptive DISPO (``algorithm.regime_control``): moves the clip bounds between steps; None when off."""
+        dedicated = config.rollout.placement == "dedicated"
+        self.num_lags = config.trainer.max_staleness + 1 if dedicated else 0
+        """Version lags a token can have (0..max_staleness) when rollouts come from other versions, for the per-lag
+        regime telemetry (``train/staleness{d}/``); 0 for colocated rollouts (always the current version)."""
 
     @property
     def loss_config(self) -> PolicyLossConfig:
@@ -100,12 +109,13 @@ class Learner:
         not with TIS, which needs pi_old before that forward."""
         return self.recompute_old_logprobs and self.config.algorithm.tis_cap is None
 
-    def learn(self, batch: StepBatch, timer: PhaseTimer) -> dict[str, float]:
-        """Rewards -> advantages -> pi_old -> K updates on one batch: its reward, ``train/`` and mismatch metrics."""
+    def learn(self, batch: StepBatch, timer: PhaseTimer, *, version: int) -> dict[str, float]:
+        """Rewards -> advantages -> pi_old -> K updates on one batch, trained from policy ``version`` (pi_old): its
+        reward, ``train/`` and mismatch metrics, and with versioned rollouts the regime statistics per token lag."""
         if self.config.rollout.capture_routed_experts:
             batch = self._deliver_routing(batch)
         advantages, metrics = self.advantages(batch)
-        plan = self.plan(batch, advantages)
+        plan = self.plan(batch, advantages, version)
         routing = RoutingCounts()  # the pi_old pass's router agreement with the engine (MoE, captured routing)
         with timer.phase("logprob"):
             pi_old = self.old_logprobs(batch, plan, routing)
@@ -149,7 +159,7 @@ class Learner:
         metrics.update(finish_reason_metrics(batch.finish_reasons()))
         return advantages, metrics
 
-    def plan(self, batch: StepBatch, advantages: torch.Tensor) -> UpdatePlan:
+    def plan(self, batch: StepBatch, advantages: torch.Tensor, version: int) -> UpdatePlan:
         """Mini-batches of whole groups, this rank's share of each, packed under the micro-batch token budget."""
         cfg = self.config.trainer
         policy = self.policy
@@ -159,7 +169,7 @@ class Learner:
         shares = [shard_for_data_parallel(mb, self.group_size, policy.dp_rank, policy.dp_size) for mb in minibatches]
         return UpdatePlan(
             minibatches=minibatches,
-            micro=[self._micro_batches(batch, share, advantages) for share in shares],
+            micro=[self._micro_batches(batch, share, advantages, version) for share in shares],
             token_counts=[sum(response_lengths[i] for i in mb) for mb in minibatches],
             sequence_counts=[int(counted[mb].sum()) for mb in minibatches],
         )
@@ -176,17 +186,21 @@ class Learner:
         num_experts = int(self.policy.hf_config.num_experts)
         return deliver_routing(batch, self.host, 0, shares, num_experts)
 
-    def _micro_batches(self, batch: StepBatch, indices: Sequence[int], advantages: torch.Tensor) -> list[MicroBatch]:
+    def _micro_batches(
+        self, batch: StepBatch, indices: Sequence[int], advantages: torch.Tensor, version: int
+    ) -> list[MicroBatch]:
         """``indices`` as padded micro-batches carrying advantages, correctness, the engine's routing (replayed
-        under R3, else compared with the trainer's own) and, with TIS, the engine's log-probs."""
+        under R3, else compared with the trainer's own), with TIS the engine's log-probs and, with versioned
+        rollouts, each token's version lag behind ``version``."""
         lengths = (batch.prompt_lens + batch.response_lens).tolist()
         routed = batch.routed_experts_per_sequence()
         behaviour = batch.rollout_logprobs_per_sequence() if self.config.algorithm.tis_cap is not None else None
+        lags = batch.token_lags_per_sequence(version) if self.num_lags else None
         micro = []
         for chunk in pack_microbatches(indices, lengths, self.config.trainer.max_tokens_per_microbatch):
             built = build_microbatch(
                 chunk, batch.prompts, batch.responses, pad_token_id=self.pad_token_id, advantages=advantages,
-                routed_experts=routed, correct=batch.correct, rollout_logprobs=behaviour,
+                routed_experts=routed, correct=batch.correct, rollout_logprobs=behaviour, token_lags=lags,
             )  # fmt: skip
             exclude_dropped(built, batch.valid)
             micro.append(built)
@@ -222,10 +236,12 @@ class Learner:
                 micro, loss_config,
                 num_global_tokens=plan.token_counts[index], num_global_sequences=plan.sequence_counts[index],
                 old_logprobs="capture" if capture else "given", tis_cap=cfg.algorithm.tis_cap, routing=routing,
+                num_lags=self.num_lags,
             )  # fmt: skip
             pi_old.update(result.captured_old_logprobs)
             results.append(result.metrics)
         metrics = {f"train/{k}": v for k, v in combine_minibatch_metrics(results, plan.token_counts).items()}
+        metrics.update(lag_regime_metrics(metrics))
         metrics["train/grad_norm_max"] = max(m["grad_norm"] for m in results)
         return metrics
 

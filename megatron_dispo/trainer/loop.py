@@ -133,9 +133,9 @@ class Trainer:
         started = time.perf_counter()
         batch, metrics = self.source.next_batch(step, timer)
         if batch.num_sequences:
-            learned = self.learner.learn(batch, timer)
+            learned = self.learner.learn(batch, timer, version=step - 1)
             metrics.update(learned)
-            metrics.update(self.source.batch_metrics(step, batch, learned))
+            metrics.update(self.source.batch_metrics(step, batch))
         else:  # bounded rounds found no informative group: nothing to learn from this step, the policy is unchanged
             self._warn_empty_batch(step)
         metrics.update(

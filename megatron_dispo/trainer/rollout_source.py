@@ -32,7 +32,7 @@ class RolloutSource(Protocol):
     def next_batch(self, step: int, timer: PhaseTimer) -> tuple[StepBatch, dict[str, float]]:
         """Batch ``step`` on every training rank, with its rollout metrics."""
 
-    def batch_metrics(self, step: int, batch: StepBatch, learned: dict[str, float]) -> dict[str, float]:
+    def batch_metrics(self, step: int, batch: StepBatch) -> dict[str, float]:
         """Placement-specific metrics of a trained batch (staleness)."""
 
     def publish_weights(self, version: int, *, learned: bool, evaluate: bool, force: bool = False) -> dict[str, float]:

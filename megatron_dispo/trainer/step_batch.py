@@ -116,6 +116,15 @@ class StepBatch:
         """Each sequence's engine log-probs (views into :attr:`rollout_logprobs`)."""
         return list(torch.split(self.rollout_logprobs, self.response_lens.tolist()))
 
+    def token_lags_per_sequence(self, trainer_version: int) -> list[torch.Tensor]:
+        """Each response token's version lag behind ``trainer_version`` (its pi_old's version): from
+        :attr:`token_version` under partial rollouts, else its sequence's :attr:`policy_version`."""
+        if self.token_version is not None:
+            return list(torch.split(trainer_version - self.token_version, self.response_lens.tolist()))
+        assert self.policy_version is not None
+        lags = (trainer_version - self.policy_version).tolist()
+        return [torch.full((int(n),), lag, dtype=torch.int64) for n, lag in zip(self.response_lens, lags, strict=True)]
+
     def routed_experts_per_sequence(self) -> Sequence[torch.Tensor] | dict[int, torch.Tensor] | None:
         """Each sequence's engine routing ``[prompt + response, layers, k]`` (views), or None without routing; on a
         rank that received only its own sequences' routing, those (by sequence index)."""

@@ -212,3 +212,50 @@ def test_no_grad_logprobs_return_a_plain_value() -> None:
         get_preset("dispo"),
     )
     assert not loss.requires_grad and loss.item() == pytest.approx((26.6 - 104.01) / 6, rel=1e-12)
+
+
+def test_dispo_regime_telemetry_per_token_version_lag() -> None:
+    """Batch A with tokens of two versions: row 0's first token and row 1's last were sampled one version before
+    pi_old (lag 1), the rest under pi_old's version (lag 0). Each lag's statistics count its own tokens only; the
+    loss and the unlagged telemetry do not change."""
+    token_lag = torch.tensor([[1, 0, 0], [0, 0, 1]])
+    value, grad, plain = run(batch_a(), get_preset("dispo"))
+    lagged_value, lagged_grad, metrics = run(batch_a(), get_preset("dispo"), token_lag=token_lag, num_lags=3)
+    assert lagged_value == value and torch.equal(lagged_grad, grad)
+    assert {key: metrics[key] for key in plain} == plain
+    # lag 1: r = 20 (regime 1, clipped to 11) and r = 0.01 (regime 4, not clipped)
+    # lag 0: r = 1.5 (regime 1), 0.5 (regime 2, clipped to 0.8), 200 (regime 3, clipped to 101), 3 (regime 3)
+    expected = {
+        "lag1/token_frac": 2 / 6,
+        "lag1/regime1/token_frac": 1 / 6,
+        "lag1/regime1/clip_frac": 1.0,
+        "lag1/regime1/is_weight_mean": 11.0,
+        "lag1/regime2/token_frac": 0.0,
+        "lag1/regime3/token_frac": 0.0,
+        "lag1/regime4/token_frac": 1 / 6,
+        "lag1/regime4/clip_frac": 0.0,
+        "lag1/regime4/is_weight_mean": 0.01,
+        "lag0/token_frac": 4 / 6,
+        "lag0/regime1/token_frac": 1 / 6,
+        "lag0/regime1/clip_frac": 0.0,
+        "lag0/regime1/is_weight_mean": 1.5,
+        "lag0/regime2/token_frac": 1 / 6,
+        "lag0/regime2/clip_frac": 1.0,
+        "lag0/regime3/token_frac": 2 / 6,
+        "lag0/regime3/clip_frac": 1 / 2,
+        "lag0/regime3/is_weight_mean": (101 + 3) / 2,
+        "lag0/regime4/token_frac": 0.0,
+        "lag2/token_frac": 0.0,
+    }
+    for key, want in expected.items():
+        assert metrics[key] == pytest.approx(want, rel=1e-9, abs=1e-12), key
+    for k in (1, 2, 3, 4):  # the lags partition the tokens of every regime
+        lagged = sum(metrics[f"lag{d}/regime{k}/token_frac"] for d in range(3))
+        assert lagged == pytest.approx(metrics[f"regime{k}/token_frac"], rel=1e-12)
+
+
+def test_token_lag_outside_the_declared_lags_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"1 response tokens have a version lag outside 0\.\.1"):
+        run(batch_a(), get_preset("dispo"), token_lag=torch.tensor([[0, 0, 2], [0, 1, 0]]), num_lags=2)
+    with pytest.raises(ValueError, match="num_lags=2 needs token_lag shaped like logprobs"):
+        run(batch_a(), get_preset("dispo"), num_lags=2)

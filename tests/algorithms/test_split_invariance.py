@@ -1,5 +1,6 @@
 """One micro-batch vs 4 micro-batches vs 2 simulated data-parallel ranks (2 micro-batches each): the summed losses,
-gradients and reduced telemetry equal the single-batch result to 1e-6 relative, for every loss."""
+gradients and reduced telemetry (per token version lag included) equal the single-batch result to 1e-6 relative, for
+every loss."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def make_batch(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
         "correct": torch.tensor([1, 0, 1, 1, 0, 0, 1, 0]).bool(),
         "entropy": torch.rand(batch, seq, generator=generator, dtype=dtype) * 2,
         "segment_ids": torch.div(torch.arange(seq), 5, rounding_mode="floor").expand(batch, seq).contiguous(),
+        "token_lag": torch.randint(0, 3, (batch, seq), generator=generator),
     }
 
 
@@ -50,6 +52,8 @@ def run_split(data: dict[str, torch.Tensor], preset: str, splits: list[list[int]
             num_global_sequences=num_sequences,
             entropy=data["entropy"][index],
             segment_ids=data["segment_ids"][index],
+            token_lag=data["token_lag"][index],
+            num_lags=3,
         )
         loss.backward()
         total += loss.item()
@@ -79,8 +83,9 @@ def test_split_invariance_every_loss(preset: str) -> None:
     assert loss0 + loss1 == pytest.approx(full_loss, rel=1e-6, abs=1e-12)
     torch.testing.assert_close(grad0 + grad1, full_grad, rtol=1e-6, atol=1e-12)
     # ranks reduce telemetry with one all_reduce(SUM) of the packed vectors
-    summed = [a + b for a, b in zip(pack_metrics(metrics0), pack_metrics(metrics1), strict=True)]
-    assert unpack_metrics(summed) == pytest.approx(full_metrics, rel=1e-6, abs=1e-12)
+    summed = [a + b for a, b in zip(pack_metrics(metrics0, 3), pack_metrics(metrics1, 3), strict=True)]
+    assert unpack_metrics(summed, 3) == pytest.approx(full_metrics, rel=1e-6, abs=1e-12)
+    assert full_metrics["lag2/regime1/token_frac"] > 0.0  # the per-lag statistics (3 lags) are part of the check
 
 
 def test_split_invariance_float32_dispo() -> None:

@@ -140,16 +140,20 @@ def run_checks(work_dir: Path) -> list[dict[str, Any]]:
         advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
         old = {i: torch.as_tensor(v).tolist() for i, v in state["old"].items()}
         correct = torch.tensor([True, False, True, False])
+        lags = [[i % 2] * len(r) for i, r in enumerate(responses)]  # two version lags: the per-lag telemetry on device
         micro = build_microbatch(
-            range(4), prompts, responses, pad_token_id=0, old_logprobs=old, advantages=advantages, correct=correct
-        )
+            range(4), prompts, responses, pad_token_id=0, old_logprobs=old, advantages=advantages, correct=correct,
+            token_lags=lags,
+        )  # fmt: skip
         num_tokens = sum(len(r) for r in responses)
         metrics = policy.train_minibatch(
-            [micro], get_preset("dispo"), num_global_tokens=num_tokens, num_global_sequences=4
+            [micro], get_preset("dispo"), num_global_tokens=num_tokens, num_global_sequences=4, num_lags=2
         ).metrics
         moved = max(float((a.detach() - b).abs().max()) for a, b in zip(policy.model.parameters(), before, strict=True))
         if not moved > 0 or not all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values()):
             raise RuntimeError(f"update did not move the weights finitely (max change {moved}, metrics {metrics})")
+        if abs(metrics["lag0/token_frac"] + metrics["lag1/token_frac"] - 1.0) > 1e-9:
+            raise RuntimeError(f"the per-lag token shares do not add up to 1: {metrics}")
         return f"max weight change {moved:.2e}, {len(metrics)} finite metrics"
 
     def refit_export() -> str:

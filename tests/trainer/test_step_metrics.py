@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_dispo.algorithms import compute_policy_loss, get_preset
-from megatron_dispo.algorithms.batch_metrics import combine_minibatch_metrics, staleness_metrics
+from megatron_dispo.algorithms.batch_metrics import combine_minibatch_metrics, lag_regime_metrics, staleness_metrics
 from megatron_dispo.algorithms.telemetry import METRIC_KEYS
 
 
@@ -49,14 +49,30 @@ def test_mismatched_lengths_are_an_error() -> None:
 
 def test_staleness_metrics_per_sample_and_per_token() -> None:
     """Closed forms: staleness = trainer version - a sample's oldest token's version; the token lag averages over
-    tokens; the per-staleness regime statistics are reported only when the batch has one staleness."""
-    learned = {"train/regime1/token_frac": 0.25, "train/loss": 1.0}
-    one = staleness_metrics(5, torch.tensor([4, 4]), learned)
+    tokens."""
+    one = staleness_metrics(5, torch.tensor([4, 4]))
     assert one["rollout/staleness/max"] == one["rollout/token_version_lag/mean"] == 1.0
-    assert one["train/staleness1/regime1/token_frac"] == 0.25 and "train/staleness1/loss" not in one
     # partial rollouts: sample 0 started at version 3 and continued under 4; sample 1 is all version 4
-    mixed = staleness_metrics(5, torch.tensor([3, 4]), learned, token_version=torch.tensor([3, 3, 4, 4, 4, 4]))
+    mixed = staleness_metrics(5, torch.tensor([3, 4]), token_version=torch.tensor([3, 3, 4, 4, 4, 4]))
     assert mixed["rollout/staleness/mean"] == 1.5 and mixed["rollout/staleness/max"] == 2.0
     assert mixed["rollout/token_version_lag/mean"] == pytest.approx(8 / 6)
     assert mixed["rollout/token_version_lag/max"] == 2.0
-    assert not any(key.startswith("train/staleness") for key in mixed)
+
+
+def test_lag_regime_metrics_are_fractions_of_each_lags_tokens() -> None:
+    """``train/lag{d}/`` (fractions of all tokens) -> ``train/staleness{d}/`` (fractions of the lag-d tokens); a lag
+    with no tokens is not reported, and the raw keys leave the step's metrics."""
+    learned = {"train/regime1/token_frac": 0.25, "train/loss": 1.0}
+    for lag, share in ((0, 0.0), (1, 0.75), (2, 0.25)):
+        learned[f"train/lag{lag}/token_frac"] = share
+        for k in (1, 2, 3, 4):
+            learned[f"train/lag{lag}/regime{k}/token_frac"] = share / 4
+            learned[f"train/lag{lag}/regime{k}/clip_frac"] = 0.1 * k
+            learned[f"train/lag{lag}/regime{k}/is_weight_mean"] = 1.0 + lag
+    out = lag_regime_metrics(learned)
+    assert learned == {"train/regime1/token_frac": 0.25, "train/loss": 1.0}
+    assert not any(key.startswith("train/staleness0/") for key in out)
+    assert out["train/staleness1/token_frac"] == 0.75 and out["train/staleness2/token_frac"] == 0.25
+    assert out["train/staleness1/regime3/token_frac"] == out["train/staleness2/regime3/token_frac"] == 0.25
+    assert out["train/staleness2/regime4/clip_frac"] == pytest.approx(0.4)
+    assert out["train/staleness2/regime1/is_weight_mean"] == 3.0
