@@ -35,11 +35,12 @@ SHARDS = (
 """About 630 s and 680 s of one-process test time each on 2 cores (``docs/performance.md``, test suite)."""
 
 
-def _stream(shard: Shard, process: subprocess.Popen[str], tail: list[str]) -> None:
+def _stream(shard: Shard, process: subprocess.Popen[str], last_line: list[str]) -> None:
+    """Print the shard's lines as they come; keep its last one (pytest's summary) in ``last_line``."""
     assert process.stdout is not None
     for line in process.stdout:
         print(f"[{shard.name}] {line}", end="", flush=True)
-        tail[:] = [*tail[-2:], line.rstrip()]
+        last_line[:] = [line.rstrip()]
 
 
 def main(argv: list[str]) -> int:
@@ -52,15 +53,15 @@ def main(argv: list[str]) -> int:
         process = subprocess.Popen(
             command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
-        tail: list[str] = []
-        reader = threading.Thread(target=_stream, args=(shard, process, tail), daemon=True)
+        last_line: list[str] = []
+        reader = threading.Thread(target=_stream, args=(shard, process, last_line), daemon=True)
         reader.start()
-        running.append((shard, process, reader, tail))
+        running.append((shard, process, reader, last_line))
     results = []
-    for shard, process, reader, tail in running:
+    for shard, process, reader, last_line in running:
         returncode = process.wait()
         reader.join()
-        results.append((shard, returncode, time.perf_counter() - started, tail[-1] if tail else ""))
+        results.append((shard, returncode, time.perf_counter() - started, last_line[0] if last_line else ""))
     print("\nshard     rc  finished after  summary")
     for shard, returncode, seconds, summary in results:
         print(f"{shard.name:<8} {returncode:>3}  {seconds:>12.1f} s  {summary}")
